@@ -1,0 +1,337 @@
+"""The inference pipeline: ``register(fixed, moving, ...)`` -> one :class:`RegistrationResult`.
+
+Stages (each timed, each reported to ``progress(fraction, stage)``):
+1. validate: the images overlap physically; masks are neither empty nor everything;
+2. initialise: rigid/affine fixed -> moving (:mod:`dareg.initialize`);
+3. ROI and model grid: liver masks (fixed, and moving through the initial transform) + margin;
+4. resample fixed and (affinely aligned) moving onto the model grid, window HU to [0, 1];
+5. network (if a model is given): flow on the model grid;
+6. instance optimisation (if steps > 0): refine the flow (NCC, + Dice when both segmentations are given);
+7. compose ONE resampling transform fixed -> moving: a displacement field over the whole fixed image;
+8. warp the moving image (linear) and its label map (nearest) at the fixed image's full resolution;
+9. metrics before (unregistered), after the initial transform, and after registration; warnings when
+   registration made similarity or Dice worse or the field folds.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+
+from dareg import geometry, initialize, metrics
+from dareg.errors import DaregError
+from dareg.io import LabelMap
+
+ProgressCallback = Callable[[float, str], None]
+
+#: A drop larger than this (NCC or Dice) counts as "registration made it worse".
+_WORSE_TOLERANCE = 0.01
+
+
+@dataclass(frozen=True)
+class RegistrationOptions:
+    """What to run; every field has the default a clinician gets from ``dareg register``.
+
+    Parameters:
+        model: bundled model name, model folder, "none" (affine + instance optimisation only) or
+            "default" (best bundled model, or none while no model is bundled).
+        optimize_steps: instance-optimisation steps (0 = off).
+        init: initialisation mode, one of :data:`dareg.initialize.INIT_MODES`.
+        grid_shape: model grid (z, y, x) when no model fixes it.
+        margin_mm: ROI margin around the liver masks.
+        liver_label: id or segment name of the liver in both segmentations.
+        labels: label ids/names that guide optimisation and are reported; None = all labels present in
+            both segmentations.
+        device: "auto", "cpu" or "gpu".
+        seed: seeds every random draw (initialisation sampling).
+    """
+
+    model: str | None = "default"
+    optimize_steps: int = 50
+    init: str = "rigid"
+    grid_shape: tuple[int, int, int] = geometry.DEFAULT_GRID_SHAPE
+    margin_mm: float = geometry.DEFAULT_MARGIN_MM
+    liver_label: int | str = 1
+    labels: tuple[int | str, ...] | None = None
+    device: str = "auto"
+    seed: int = 0
+
+
+@dataclass
+class RegistrationResult:
+    """Everything a registration produces, in memory (``dareg.cli`` writes it to disk).
+
+    ``field`` is the resampling displacement field fixed -> moving (LPS mm) over the whole fixed
+    image, ``transform`` the same as a SimpleITK transform; ``metrics`` holds "unregistered",
+    "initial" and "registered" blocks, ``warnings`` what went worse.
+    """
+
+    field: sitk.Image
+    transform: sitk.DisplacementFieldTransform
+    warped_image: sitk.Image
+    warped_labels: LabelMap | None
+    mapped_landmarks: np.ndarray | None
+    metrics: dict
+    timings: dict[str, float]
+    warnings: list[str]
+    grid: geometry.ModelGrid
+    model_name: str
+
+
+@dataclass
+class _Clock:
+    progress: ProgressCallback | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str, fraction: float) -> Iterator[None]:
+        if self.progress is not None:
+            self.progress(fraction, name)
+        start = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - start, 3)
+
+
+def register(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    fixed_seg: LabelMap | None = None,
+    moving_seg: LabelMap | None = None,
+    *,
+    options: RegistrationOptions = RegistrationOptions(),
+    fixed_landmarks: np.ndarray | None = None,
+    moving_landmarks: np.ndarray | None = None,
+    progress: ProgressCallback | None = None,
+) -> RegistrationResult:
+    """Register ``moving`` to ``fixed``; see the module docstring for the stages.
+
+    Parameters:
+        fixed, moving: 3-D CT images (HU), any geometry.
+        fixed_seg, moving_seg: label maps on their images' grids (optional; the liver label drives the
+            ROI and initialisation, every guided label the optimisation and the metrics).
+        fixed_landmarks, moving_landmarks: (N, 3) LPS mm; fixed ones are mapped into moving space,
+            with both the landmark TRE is reported.
+    """
+    clock = _Clock(progress)
+    start = time.perf_counter()
+    with clock.stage("validate", 0.0):
+        _check_overlap(fixed, moving)
+        fixed_mask = _liver_mask(fixed_seg, options.liver_label, "fixed") if fixed_seg else None
+        moving_mask = _liver_mask(moving_seg, options.liver_label, "moving") if moving_seg else None
+        label_ids = _guided_labels(fixed_seg, moving_seg, options)
+    with clock.stage("initialise", 0.05):
+        affine = initialize.initial_transform(
+            fixed, moving, fixed_mask=fixed_mask, moving_mask=moving_mask, mode=options.init, seed=options.seed)
+    loaded = _load_model(options)
+    grid_shape = tuple(loaded.config.grid_shape) if loaded is not None else tuple(options.grid_shape)
+    with clock.stage("model grid", 0.15):
+        lower, upper = geometry.roi_index_box(
+            fixed, fixed_mask=fixed_mask, moving_mask=moving_mask, moving_to_fixed=affine.inverse_sitk(),
+            margin_mm=options.margin_mm)
+        grid = geometry.model_grid_for_box(fixed, lower, upper, grid_shape)
+        window = tuple(loaded.config.normalisation.get("window", geometry.CT_WINDOW_HU)) if loaded else None
+        fixed_grid = geometry.normalize_ct(geometry.resample_to_grid(fixed, grid), window or geometry.CT_WINDOW_HU)
+        moving_grid = geometry.normalize_ct(
+            geometry.resample_to_grid(moving, grid, transform=affine.to_sitk(), default_value=-1024.0),
+            window or geometry.CT_WINDOW_HU)
+    flow = None
+    if loaded is not None:
+        with clock.stage("network", 0.25):
+            flow = _predict(loaded, fixed_grid, moving_grid, options.device)
+    taper = geometry.taper_weights(grid, width_mm=min(options.margin_mm, 20.0))
+    with clock.stage("instance optimisation", 0.35):
+        flow = _optimise(fixed, moving, fixed_seg, moving_seg, label_ids, grid, affine, fixed_grid, moving_grid,
+                         flow, taper, options, progress)
+    with clock.stage("compose transform", 0.8):
+        field_image = geometry.compose_displacement_field(
+            fixed, grid, affine, geometry.flow_to_displacement_mm(flow, grid))
+        transform = geometry.displacement_field_transform(field_image)
+    with clock.stage("warp", 0.85):
+        warped_image = geometry.resample_to_reference(moving, fixed, transform=transform, default_value=-1024.0)
+        warped_labels = None
+        if moving_seg is not None:
+            warped_labels = LabelMap(
+                geometry.resample_to_reference(moving_seg.image, fixed, transform=transform, interpolation="nearest"),
+                dict(moving_seg.names))
+        mapped = None
+        if fixed_landmarks is not None:
+            mapped = np.array([transform.TransformPoint(tuple(map(float, p))) for p in fixed_landmarks])
+    with clock.stage("metrics", 0.9):
+        report = _evaluate(fixed, moving, fixed_seg, moving_seg, label_ids, affine, transform, field_image, grid,
+                           lower, upper, fixed_landmarks, moving_landmarks)
+    clock.timings["total"] = round(time.perf_counter() - start, 3)
+    if progress is not None:
+        progress(1.0, "done")
+    return RegistrationResult(
+        field=field_image, transform=transform, warped_image=warped_image, warped_labels=warped_labels,
+        mapped_landmarks=mapped, metrics=report, timings=clock.timings, warnings=_worse_warnings(report),
+        grid=grid, model_name=loaded.config.design if loaded is not None else "none")
+
+
+# --------------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_overlap(fixed: sitk.Image, moving: sitk.Image) -> None:
+    if geometry.physical_overlap(fixed, moving) == 0.0 and geometry.physical_overlap(moving, fixed) == 0.0:
+        raise DaregError(
+            "The fixed and moving images do not overlap in physical space (LPS mm): their origins or "
+            "orientations put them in different places. Check that both files carry correct geometry "
+            "(e.g. re-export them from the scanner or from 3D Slicer), or align them roughly first.")
+
+
+def _liver_mask(seg: LabelMap, liver_label: int | str, which: str) -> sitk.Image:
+    label_id = seg.resolve(liver_label)
+    mask = seg.mask([label_id])
+    stats = sitk.StatisticsImageFilter()
+    stats.Execute(mask)
+    count, total = stats.GetSum(), mask.GetNumberOfPixels()
+    if count == 0:
+        raise DaregError(
+            f"The {which} segmentation has no voxel with the liver label {liver_label!r} (id {label_id}). "
+            f"Pick the liver with --liver-label (ids/names present: {_describe(seg)}).")
+    if count == total:
+        raise DaregError(
+            f"The {which} segmentation's liver label {liver_label!r} covers the whole image, which is not a "
+            "liver segmentation. Check that the right file and --liver-label were given.")
+    return mask
+
+
+def _describe(seg: LabelMap) -> str:
+    ids = seg.label_ids() if callable(getattr(seg, "label_ids", None)) else []
+    return ", ".join(f"{i} ({seg.names[i]})" if i in seg.names else str(i) for i in ids) or "none"
+
+
+def _guided_labels(fixed_seg, moving_seg, options: RegistrationOptions) -> list[int]:
+    """Label ids shared by both segmentations that guide optimisation and are reported."""
+    if fixed_seg is None or moving_seg is None:
+        return []
+    if options.labels is not None:
+        return sorted({fixed_seg.resolve(label) for label in options.labels} | {fixed_seg.resolve(options.liver_label)})
+    return sorted(set(fixed_seg.label_ids()) & set(moving_seg.label_ids()))
+
+
+# --------------------------------------------------------------------------------------------------
+# network and optimisation
+# --------------------------------------------------------------------------------------------------
+
+
+def _load_model(options: RegistrationOptions):
+    if options.model == "none":
+        return None
+    from dareg.models import modelio, registry  # TensorFlow loads only when a model is used
+
+    path = registry.resolve_model(options.model)
+    return modelio.load_model(path) if path is not None else None
+
+
+def _predict(loaded, fixed_grid: np.ndarray, moving_grid: np.ndarray, device: str) -> np.ndarray:
+    import tensorflow as tf
+
+    from dareg.models.device import select_device
+
+    with tf.device(select_device(device)):
+        outputs = loaded.network([moving_grid[None, ..., None], fixed_grid[None, ..., None]], training=False)
+    return np.asarray(outputs["flow"][0], dtype=np.float32)
+
+
+def _labels_on_grid(seg: LabelMap, label_ids: list[int], grid: geometry.ModelGrid,
+                    transform: sitk.Transform | None) -> np.ndarray:
+    """One-hot (z, y, x, L) float32 of ``label_ids`` sampled (nearest) on the model grid."""
+    array = geometry.resample_to_grid(seg.image, grid, transform=transform, interpolation="nearest")
+    return np.stack([(array == label).astype(np.float32) for label in label_ids], axis=-1)
+
+
+def _optimise(fixed, moving, fixed_seg, moving_seg, label_ids, grid, affine, fixed_grid, moving_grid, flow,
+              taper, options: RegistrationOptions, progress: ProgressCallback | None) -> np.ndarray:
+    if options.optimize_steps <= 0 and flow is None:
+        return np.zeros(grid.shape + (3,), np.float32)
+    from dareg.optimize import OptimizeSettings, optimize_flow
+
+    fixed_labels = moving_labels = None
+    if label_ids:
+        fixed_labels = _labels_on_grid(fixed_seg, label_ids, grid, None)
+        moving_labels = _labels_on_grid(moving_seg, label_ids, grid, affine.to_sitk())
+
+    def report(step: int, steps: int) -> None:
+        if progress is not None:
+            progress(0.35 + 0.45 * step / steps, f"instance optimisation {step}/{steps}")
+
+    return optimize_flow(
+        fixed_grid, moving_grid, spacing_zyx=tuple(reversed(grid.spacing)), taper=taper, initial_flow=flow,
+        fixed_labels=fixed_labels, moving_labels=moving_labels,
+        settings=OptimizeSettings(steps=options.optimize_steps), progress=report)
+
+
+# --------------------------------------------------------------------------------------------------
+# metrics and warnings
+# --------------------------------------------------------------------------------------------------
+
+
+def _evaluate(fixed, moving, fixed_seg, moving_seg, label_ids, affine, transform, field_image, grid,
+              lower, upper, fixed_landmarks, moving_landmarks) -> dict:
+    """Metrics on the ROI box of the fixed image for three transforms: none, initial, final."""
+    start = np.floor(lower).astype(int)
+    size = (np.ceil(upper).astype(int) - start + 1).tolist()
+    fixed_roi = sitk.RegionOfInterest(fixed, size, start.tolist())
+    fixed_labels = moving_labels = None
+    names = {}
+    if label_ids:
+        fixed_labels = _keep_labels(sitk.RegionOfInterest(fixed_seg.image, size, start.tolist()), label_ids)
+        moving_labels = _keep_labels(moving_seg.image, label_ids)
+        names = {i: fixed_seg.names.get(i, moving_seg.names.get(i, str(i))) for i in label_ids}
+    stages = {
+        "unregistered": sitk.Transform(3, sitk.sitkIdentity),
+        "initial": affine.to_sitk(),
+        "registered": transform,
+    }
+    report = {}
+    for stage, stage_transform in stages.items():
+        report[stage] = metrics.registration_metrics(
+            fixed_image=fixed_roi,
+            warped_image=geometry.resample_to_reference(moving, fixed_roi, transform=stage_transform,
+                                                        default_value=-1024.0),
+            fixed_labels=fixed_labels,
+            warped_labels=None if moving_labels is None else geometry.resample_to_reference(
+                moving_labels, fixed_roi, transform=stage_transform, interpolation="nearest"),
+            moving_labels=moving_labels,
+            transform=stage_transform,
+            field=field_image if stage == "registered" else None,
+            fixed_points=fixed_landmarks if moving_landmarks is not None else None,
+            moving_points=moving_landmarks if fixed_landmarks is not None else None,
+            label_names=names,
+        )
+    return report
+
+
+def _keep_labels(labels: sitk.Image, label_ids: list[int]) -> sitk.Image:
+    array = sitk.GetArrayFromImage(labels)
+    kept = sitk.GetImageFromArray(np.where(np.isin(array, label_ids), array, 0).astype(array.dtype))
+    kept.CopyInformation(labels)
+    return kept
+
+
+def _worse_warnings(report: dict) -> list[str]:
+    """Human-readable warnings when registration made things worse than doing nothing."""
+    before, after = report["unregistered"], report["registered"]
+    warnings = []
+    if after["ncc"] < before["ncc"] - _WORSE_TOLERANCE:
+        warnings.append(f"image similarity dropped: NCC {before['ncc']:.3f} -> {after['ncc']:.3f}")
+    for name, values in after.get("labels", {}).items():
+        was, now = before["labels"][name].get("dice", math.nan), values.get("dice", math.nan)
+        if not math.isnan(was) and not math.isnan(now) and now < was - _WORSE_TOLERANCE:
+            warnings.append(f"Dice of {name} dropped: {was:.3f} -> {now:.3f}")
+    if "landmark_tre" in after and after["landmark_tre"]["mean"] > before["landmark_tre"]["mean"]:
+        warnings.append(f"landmark TRE grew: {before['landmark_tre']['mean']:.2f} -> "
+                        f"{after['landmark_tre']['mean']:.2f} mm")
+    folding = after.get("jacobian", {}).get("fraction_nonpositive", 0.0)
+    if folding > 0:
+        warnings.append(f"the transform folds: {100 * folding:.3f}% of voxels have a Jacobian determinant <= 0")
+    return warnings

@@ -100,7 +100,7 @@ def summary(result: RegistrationResult, files: dict[str, Path]) -> str:
     lines += [f"{label:{width}}{a:>14}{b:>10}{c:>12}" for label, (a, b, c) in rows]
     jacobian = result.metrics["registered"].get("jacobian")
     if jacobian:
-        lines.append(f"Jacobian: {100 * jacobian['fraction_nonpositive']:.3f}% folding voxels, "
+        lines.append(f"Jacobian (ROI): {100 * jacobian['fraction_nonpositive']:.2g}% folding voxels, "
                      f"SDlogJ {jacobian['sdlogj']:.3f}")
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items() if k != "total")
     lines.append(f"time: {result.timings['total']:.1f} s ({timings}); model: {result.model_name}")
@@ -121,7 +121,7 @@ def run_demo(args: argparse.Namespace) -> RegistrationResult:
     pair = make_synthetic_pair(phantom.image, phantom.labels, seed=args.seed)
     paths = {
         "fixed": inputs / "fixed.nii.gz", "moving": inputs / "moving.nii.gz",
-        "fixed_seg": inputs / "fixed_seg.nii.gz", "moving_seg": inputs / "moving_seg.nii.gz",
+        "fixed_seg": inputs / "fixed_seg.seg.nrrd", "moving_seg": inputs / "moving_seg.seg.nrrd",
         "landmarks_fixed": inputs / "landmarks_fixed.csv", "landmarks_moving": inputs / "landmarks_moving.csv",
     }
     io.write_image(phantom.image, paths["fixed"])

@@ -203,6 +203,18 @@ def _check_volume(image: sitk.Image, path: Path, what: str) -> None:
         )
 
 
+def _nifti_has_non_finite(path: Path) -> bool:
+    """NaN/inf in a floating-point NIfTI file. Needed because ITK's NIfTI reader silently turns NaN
+    into 0 (seen with SimpleITK 2.5 / ITK 5.4), which would hide the defect instead of reporting it.
+    Integer files (most CTs) cannot hold NaN and are not read twice."""
+    if not _has_suffix(path, NIFTI_SUFFIXES):
+        return False
+    image = nib.load(str(path))
+    if not np.issubdtype(image.get_data_dtype(), np.floating):
+        return False
+    return not np.isfinite(np.asanyarray(image.dataobj)).all()
+
+
 def read_image(path: PathLike) -> sitk.Image:
     """Read a 3-D scalar image from a file or a DICOM series folder.
 
@@ -229,7 +241,7 @@ def read_image(path: PathLike) -> sitk.Image:
     image = _read_sitk(path, "image")
     _check_volume(image, path, "Image")
     image = sitk.Cast(image, sitk.sitkFloat32)
-    if not np.isfinite(sitk.GetArrayViewFromImage(image)).all():
+    if not np.isfinite(sitk.GetArrayViewFromImage(image)).all() or _nifti_has_non_finite(path):
         raise DaregError(
             f"Image {path} contains NaN or infinite voxel values. Replace them (e.g. with the background "
             "intensity) before registering."

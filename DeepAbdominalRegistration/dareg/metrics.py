@@ -641,7 +641,7 @@ def _label_metrics(
 def registration_metrics(
     *,
     fixed_image: sitk.Image,
-    warped_image: sitk.Image,
+    warped_image: sitk.Image | None,
     fixed_labels: sitk.Image | None = None,
     warped_labels: sitk.Image | None = None,
     moving_labels: sitk.Image | None = None,
@@ -657,7 +657,8 @@ def registration_metrics(
     Parameters
     ----------
     fixed_image, warped_image : sitk.Image
-        Fixed image and moving image warped onto the fixed grid.
+        Fixed image and moving image warped onto the fixed grid; ``warped_image=None`` skips the
+        intensity metrics (the fixed image then only defines the grid the label maps must share).
     fixed_labels, warped_labels : sitk.Image, optional
         Label maps on the fixed grid; both give Dice and HD/HD95 per label.
     moving_labels : sitk.Image, optional
@@ -688,7 +689,7 @@ def registration_metrics(
         raise ValueError("centroid TRE from moving_labels needs fixed_labels and the registration transform.")
     if (fixed_points is None) != (moving_points is None) or (fixed_points is not None and transform is None):
         raise ValueError("landmark TRE needs fixed_points, moving_points and the registration transform.")
-    result: dict = dict(intensity_metrics(fixed_image, warped_image, mask=roi_mask))
+    result: dict = {} if warped_image is None else dict(intensity_metrics(fixed_image, warped_image, mask=roi_mask))
     if fixed_labels is not None:
         result["labels"], result["labels_mean"] = _label_metrics(
             fixed_image, fixed_labels, warped_labels, moving_labels, transform, label_names or {}

@@ -188,6 +188,9 @@ def _check_overlap(fixed: sitk.Image, moving: sitk.Image) -> None:
 
 
 def _liver_mask(seg: LabelMap, liver_label: int | str, which: str) -> sitk.Image:
+    if not seg.label_ids():
+        raise DaregError(f"The {which} segmentation is empty (no labelled voxel). Give a segmentation that "
+                         "contains the liver, or leave it out to register the whole field of view.")
     label_id = seg.resolve(liver_label)
     mask = seg.mask([label_id])
     stats = sitk.StatisticsImageFilter()
@@ -205,8 +208,7 @@ def _liver_mask(seg: LabelMap, liver_label: int | str, which: str) -> sitk.Image
 
 
 def _describe(seg: LabelMap) -> str:
-    ids = seg.label_ids() if callable(getattr(seg, "label_ids", None)) else []
-    return ", ".join(f"{i} ({seg.names[i]})" if i in seg.names else str(i) for i in ids) or "none"
+    return ", ".join(f"{i} ({seg.names[i]})" if i in seg.names else str(i) for i in seg.label_ids())
 
 
 def _guided_labels(fixed_seg, moving_seg, options: RegistrationOptions) -> list[int]:
@@ -277,14 +279,21 @@ def _optimise(fixed, moving, fixed_seg, moving_seg, label_ids, grid, affine, fix
 
 def _evaluate(fixed, moving, fixed_seg, moving_seg, label_ids, affine, transform, field_image, grid,
               lower, upper, fixed_landmarks, moving_landmarks) -> dict:
-    """Metrics on the ROI box of the fixed image for three transforms: none, initial, final."""
-    start = np.floor(lower).astype(int)
-    size = (np.ceil(upper).astype(int) - start + 1).tolist()
-    fixed_roi = sitk.RegionOfInterest(fixed, size, start.tolist())
+    """Metrics for three transforms: none ("unregistered"), initial, final ("registered").
+
+    Intensity metrics (NCC, SSIM) and the Jacobian are computed on the ROI box of the fixed image
+    (what the registration was asked to align, and cheap for full-size CTs); label metrics on the
+    whole fixed grid, so structures that leave the box keep their true centroids.
+    """
+    start = np.floor(lower).astype(int).tolist()
+    size = (np.ceil(upper).astype(int) - np.floor(lower).astype(int) + 1).tolist()
+    fixed_roi = sitk.RegionOfInterest(fixed, size, start)
+    grid_on_field = sitk.Resample(grid.reference_image() + 1, field_image, sitk.Transform(),
+                                  sitk.sitkNearestNeighbor, 0)
     fixed_labels = moving_labels = None
     names = {}
     if label_ids:
-        fixed_labels = _keep_labels(sitk.RegionOfInterest(fixed_seg.image, size, start.tolist()), label_ids)
+        fixed_labels = _keep_labels(fixed_seg.image, label_ids)
         moving_labels = _keep_labels(moving_seg.image, label_ids)
         names = {i: fixed_seg.names.get(i, moving_seg.names.get(i, str(i))) for i in label_ids}
     stages = {
@@ -292,22 +301,30 @@ def _evaluate(fixed, moving, fixed_seg, moving_seg, label_ids, affine, transform
         "initial": affine.to_sitk(),
         "registered": transform,
     }
+    has_points = fixed_landmarks is not None and moving_landmarks is not None
     report = {}
     for stage, stage_transform in stages.items():
-        report[stage] = metrics.registration_metrics(
+        block = metrics.registration_metrics(
             fixed_image=fixed_roi,
             warped_image=geometry.resample_to_reference(moving, fixed_roi, transform=stage_transform,
                                                         default_value=-1024.0),
-            fixed_labels=fixed_labels,
-            warped_labels=None if moving_labels is None else geometry.resample_to_reference(
-                moving_labels, fixed_roi, transform=stage_transform, interpolation="nearest"),
-            moving_labels=moving_labels,
             transform=stage_transform,
-            field=field_image if stage == "registered" else None,
-            fixed_points=fixed_landmarks if moving_landmarks is not None else None,
-            moving_points=moving_landmarks if fixed_landmarks is not None else None,
-            label_names=names,
+            fixed_points=fixed_landmarks if has_points else None,
+            moving_points=moving_landmarks if has_points else None,
         )
+        if fixed_labels is not None:
+            block.update(metrics.registration_metrics(
+                fixed_image=fixed_labels,
+                warped_image=None,
+                fixed_labels=fixed_labels,
+                warped_labels=geometry.resample_to_reference(
+                    moving_labels, fixed_labels, transform=stage_transform, interpolation="nearest"),
+                moving_labels=moving_labels,
+                transform=stage_transform,
+                label_names=names,
+            ))
+        report[stage] = block
+    report["registered"]["jacobian"] = metrics.jacobian_stats(field_image, mask=grid_on_field)
     return report
 
 
@@ -333,5 +350,6 @@ def _worse_warnings(report: dict) -> list[str]:
                         f"{after['landmark_tre']['mean']:.2f} mm")
     folding = after.get("jacobian", {}).get("fraction_nonpositive", 0.0)
     if folding > 0:
-        warnings.append(f"the transform folds: {100 * folding:.3f}% of voxels have a Jacobian determinant <= 0")
+        warnings.append(f"the transform folds: {100 * folding:.2g}% of the ROI's voxels have a Jacobian "
+                        "determinant <= 0")
     return warnings

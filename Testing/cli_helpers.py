@@ -34,6 +34,7 @@ class Case:
 def write_case(folder: Path, *, seed: int = 0, direction: np.ndarray | None = None,
                moving_reference=None, **deformation) -> Case:
     """A phantom fixed CT and a synthetic moving CT with a known deformation, written to ``folder``."""
+    direction = None if direction is None else tuple(np.asarray(direction, dtype=float).ravel())
     phantom = make_phantom(seed=seed, direction=direction, **SMALL)
     pair = make_synthetic_pair(phantom.image, phantom.labels, seed=seed, reference=moving_reference, **deformation)
     folder.mkdir(parents=True, exist_ok=True)

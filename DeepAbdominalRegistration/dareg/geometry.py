@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
+from dareg.errors import DaregError
+
 Interpolation = str  # "linear" | "nearest"
 
 _SITK_INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor}
@@ -266,9 +268,26 @@ def _antialias_for_grid(image: sitk.Image, grid: ModelGrid, transform: sitk.Tran
     if np.any(upper < lower):
         return image  # the grid does not see this image; resampling will give the default value
     cropped = sitk.RegionOfInterest(image, [int(v) for v in upper - lower + 1], [int(v) for v in lower])
-    if np.all(sigma < 0.2 * image_spacing):
-        return cropped
-    return sitk.SmoothingRecursiveGaussian(sitk.Cast(cropped, sitk.sitkFloat32), [float(s) for s in sigma])
+    smoothed = sitk.Cast(cropped, sitk.sitkFloat32)
+    for axis, axis_sigma in enumerate(sigma):
+        if axis_sigma >= 0.2 * image_spacing[axis]:  # below that the blur changes nothing visible
+            smoothed = sitk.RecursiveGaussian(smoothed, float(axis_sigma), False, sitk.RecursiveGaussianImageFilter.ZeroOrder, axis)
+    return smoothed
+
+
+def normalisation_config(window: tuple[float, float] = CT_WINDOW_HU) -> dict:
+    """How intensities were mapped to [0, 1], as stored in a model's config.json."""
+    return {"kind": "ct_window", "low": float(window[0]), "high": float(window[1])}
+
+
+def window_from_normalisation(normalisation: dict) -> tuple[float, float]:
+    """The HU window of a model's stored normalisation (see :func:`normalisation_config`)."""
+    if not normalisation:
+        return CT_WINDOW_HU
+    if normalisation.get("kind") != "ct_window" or not {"low", "high"} <= set(normalisation):
+        raise DaregError(f"The model's intensity normalisation {normalisation} is not supported; this version "
+                         "of dareg knows {'kind': 'ct_window', 'low': HU, 'high': HU}. Update dareg or the model.")
+    return float(normalisation["low"]), float(normalisation["high"])
 
 
 def normalize_ct(array: np.ndarray, window: tuple[float, float] = CT_WINDOW_HU) -> np.ndarray:

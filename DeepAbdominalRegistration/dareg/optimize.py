@@ -32,14 +32,15 @@ class OptimizeSettings:
 
     Parameters:
         steps: Adam steps (0 = off).
-        learning_rate: Adam step size, in voxels of the working (half-resolution) grid.
+        learning_rate_mm: Adam step size in mm (converted to working-grid voxels per axis), so the
+            same setting behaves alike on every grid size and ROI.
         dice_weight: weight of the soft Dice term (used only when both label maps are given).
         smoothness_weight: weight of the diffusion regulariser (unitless displacement gradient).
         ncc_window: local NCC window, in working-grid voxels.
     """
 
     steps: int = 50
-    learning_rate: float = 0.25
+    learning_rate_mm: float = 0.5
     dice_weight: float = 1.0
     smoothness_weight: float = 2.0
     ncc_window: int = 5
@@ -131,23 +132,26 @@ def optimize_flow(
     use_labels = fixed_labels is not None and moving_labels is not None and settings.dice_weight > 0
     fixed_labels_c = _pool(fixed_labels) if use_labels else None
     moving_labels_c = _pool(moving_labels) if use_labels else None
-    residual = tf.Variable(tf.zeros_like(initial_c))
-    optimizer = tf.keras.optimizers.Adam(learning_rate=settings.learning_rate)
+    # Adam's steps are about learning_rate per parameter: scale the parameters so that one unit is 1 mm.
+    voxels_per_mm = tf.constant(1.0 / coarse_spacing, tf.float32)
+    residual_mm = tf.Variable(tf.zeros_like(initial_c))
+    optimizer = tf.keras.optimizers.Adam(learning_rate=settings.learning_rate_mm)
 
     @tf.function
     def step() -> tf.Tensor:
         with tf.GradientTape() as tape:
-            flow = taper_c * (initial_c + residual)
+            flow = taper_c * (initial_c + residual_mm * voxels_per_mm)
             loss = 1.0 - local_ncc(fixed_c, warp(moving_c, flow), settings.ncc_window)
             if use_labels:
                 loss += settings.dice_weight * (1.0 - soft_dice(fixed_labels_c, warp(moving_labels_c, flow)))
             loss += settings.smoothness_weight * gradient_penalty(flow, coarse_spacing)
-        optimizer.apply_gradients([(tape.gradient(loss, residual), residual)])
+        optimizer.apply_gradients([(tape.gradient(loss, residual_mm), residual_mm)])
         return loss
 
     for index in range(settings.steps):
         step()
         if progress is not None:
             progress(index + 1, settings.steps)
-    residual_full = ndimage.zoom(residual.numpy()[0], (2, 2, 2, 1), order=1, grid_mode=True, mode="nearest") * 2.0
+    residual = residual_mm.numpy()[0] / coarse_spacing
+    residual_full = ndimage.zoom(residual, (2, 2, 2, 1), order=1, grid_mode=True, mode="nearest") * 2.0
     return (initial + residual_full) * taper[..., None]

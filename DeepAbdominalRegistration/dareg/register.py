@@ -135,11 +135,10 @@ def register(
             fixed, fixed_mask=fixed_mask, moving_mask=moving_mask, moving_to_fixed=affine.inverse_sitk(),
             margin_mm=options.margin_mm)
         grid = geometry.model_grid_for_box(fixed, lower, upper, grid_shape)
-        window = tuple(loaded.config.normalisation.get("window", geometry.CT_WINDOW_HU)) if loaded else None
-        fixed_grid = geometry.normalize_ct(geometry.resample_to_grid(fixed, grid), window or geometry.CT_WINDOW_HU)
+        window = geometry.window_from_normalisation(loaded.config.normalisation) if loaded else geometry.CT_WINDOW_HU
+        fixed_grid = geometry.normalize_ct(geometry.resample_to_grid(fixed, grid), window)
         moving_grid = geometry.normalize_ct(
-            geometry.resample_to_grid(moving, grid, transform=affine.to_sitk(), default_value=-1024.0),
-            window or geometry.CT_WINDOW_HU)
+            geometry.resample_to_grid(moving, grid, transform=affine.to_sitk(), default_value=-1024.0), window)
     flow = None
     if loaded is not None:
         with clock.stage("network", 0.25):
@@ -240,7 +239,7 @@ def _predict(loaded, fixed_grid: np.ndarray, moving_grid: np.ndarray, device: st
     from dareg.models.device import select_device
 
     with tf.device(select_device(device)):
-        outputs = loaded.network([moving_grid[None, ..., None], fixed_grid[None, ..., None]], training=False)
+        outputs = loaded.network.predict_on_batch([moving_grid[None, ..., None], fixed_grid[None, ..., None]])
     return np.asarray(outputs["flow"][0], dtype=np.float32)
 
 

@@ -31,15 +31,29 @@ class Case:
         return args + FAST_ARGS
 
 
-def write_case(folder: Path, *, seed: int = 0, direction: np.ndarray | None = None,
-               moving_reference=None, **deformation) -> Case:
+def write_case(
+    folder: Path, *, seed: int = 0, direction: np.ndarray | None = None, moving_reference=None, **deformation
+) -> Case:
     """A phantom fixed CT and a synthetic moving CT with a known deformation, written to ``folder``."""
     direction = None if direction is None else tuple(np.asarray(direction, dtype=float).ravel())
     phantom = make_phantom(seed=seed, direction=direction, **SMALL)
-    pair = make_synthetic_pair(phantom.image, phantom.labels, seed=seed, reference=moving_reference, **deformation)
+    pair = make_synthetic_pair(
+        phantom.image, phantom.labels, seed=seed, reference=moving_reference, **deformation
+    )
     folder.mkdir(parents=True, exist_ok=True)
-    case = Case(*(folder / name for name in ("fixed.nii.gz", "moving.nrrd", "fixed_seg.nii.gz", "moving_seg.seg.nrrd",
-                                             "fixed.csv", "moving.csv")))
+    case = Case(
+        *(
+            folder / name
+            for name in (
+                "fixed.nii.gz",
+                "moving.nrrd",
+                "fixed_seg.nii.gz",
+                "moving_seg.seg.nrrd",
+                "fixed.csv",
+                "moving.csv",
+            )
+        )
+    )
     io.write_image(phantom.image, case.fixed)
     io.write_image(pair.moving_image, case.moving)
     io.write_label_map(io.LabelMap(phantom.labels, dict(phantom.names)), case.fixed_seg)

@@ -45,5 +45,7 @@ def oblique_direction() -> np.ndarray:
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared test data not found at {SHARED_DATA} (it lives beside the repository in ../shared)")
+        pytest.skip(
+            f"shared test data not found at {SHARED_DATA} (it lives beside the repository in ../shared)"
+        )
     return SHARED_DATA

@@ -150,9 +150,14 @@ def test_inputs_untouched_and_real_process_exit_code(case, tmp_path):
     inputs = [case.fixed, case.moving, case.fixed_seg, case.moving_seg]
     before = digest(inputs)
     out = tmp_path / "out"
-    args = replace_arg(case.args(out), "--liver-label", "77") if "--liver-label" in case.args(out) else \
-        case.args(out) + ["--liver-label", "77"]
-    completed = subprocess.run([sys.executable, "-m", "dareg", *args], capture_output=True, text=True, timeout=300)
+    args = (
+        replace_arg(case.args(out), "--liver-label", "77")
+        if "--liver-label" in case.args(out)
+        else case.args(out) + ["--liver-label", "77"]
+    )
+    completed = subprocess.run(
+        [sys.executable, "-m", "dareg", *args], capture_output=True, text=True, timeout=300
+    )
     assert completed.returncode == 2
     assert "Traceback" not in completed.stderr and "dareg: error:" in completed.stderr
     assert digest(inputs) == before

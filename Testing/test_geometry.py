@@ -9,10 +9,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import make_image, rotation_matrix
 from scipy import ndimage
 
 from dareg import geometry
+
+from conftest import make_image, rotation_matrix
 
 
 def smooth_random_image(shape, seed, sigma=3.0):
@@ -22,14 +23,22 @@ def smooth_random_image(shape, seed, sigma=3.0):
 
 @pytest.fixture
 def fixed_and_moving(oblique_direction):
-    fixed = make_image(np.zeros((40, 48, 56), np.float32), spacing=(1.2, 0.9, 2.0), origin=(10, -30, 5),
-                       direction=oblique_direction)
+    fixed = make_image(
+        np.zeros((40, 48, 56), np.float32),
+        spacing=(1.2, 0.9, 2.0),
+        origin=(10, -30, 5),
+        direction=oblique_direction,
+    )
     moving_direction = rotation_matrix([0.3, -1.0, 0.2], 12.0)
     centre = np.array(fixed.TransformContinuousIndexToPhysicalPoint((27.5, 23.5, 19.5)))
     moving_spacing, moving_size = np.array([1.0, 1.1, 1.6]), np.array([130, 110, 90])
     origin = centre - moving_direction @ (moving_spacing * (moving_size - 1) / 2)
-    moving = make_image(smooth_random_image(tuple(moving_size[::-1]), seed=1), spacing=moving_spacing,
-                        origin=origin, direction=moving_direction)
+    moving = make_image(
+        smooth_random_image(tuple(moving_size[::-1]), seed=1),
+        spacing=moving_spacing,
+        origin=origin,
+        direction=moving_direction,
+    )
     return fixed, moving
 
 
@@ -52,14 +61,20 @@ def test_roi_box_includes_moving_mask_through_transform(oblique_direction):
     moving_array[10:12, 10:12, 10:12] = 1
     moving_mask = make_image(moving_array, spacing=(2, 2, 2), direction=oblique_direction)
     shift = sitk.TranslationTransform(3, tuple(oblique_direction @ np.array([10.0, 0.0, 0.0])))
-    lower, upper = geometry.roi_index_box(fixed, moving_mask=moving_mask, moving_to_fixed=shift, margin_mm=0.0)
+    lower, upper = geometry.roi_index_box(
+        fixed, moving_mask=moving_mask, moving_to_fixed=shift, margin_mm=0.0
+    )
     np.testing.assert_allclose(lower, [15, 10, 10], atol=1e-6)
     np.testing.assert_allclose(upper, [16, 11, 11], atol=1e-6)
 
 
 def test_model_grid_tiles_box_exactly(oblique_direction):
-    fixed = make_image(np.zeros((40, 50, 60), np.float32), spacing=(1.5, 1.0, 2.5), origin=(3, 4, 5),
-                       direction=oblique_direction)
+    fixed = make_image(
+        np.zeros((40, 50, 60), np.float32),
+        spacing=(1.5, 1.0, 2.5),
+        origin=(3, 4, 5),
+        direction=oblique_direction,
+    )
     lower, upper = np.array([5.0, 10.0, 2.0]), np.array([44.0, 39.0, 33.0])
     grid = geometry.model_grid_for_box(fixed, lower, upper, grid_shape=(16, 24, 32))
     assert grid.shape == (16, 24, 32)
@@ -73,8 +88,9 @@ def test_model_grid_tiles_box_exactly(oblique_direction):
 
 
 def test_flow_to_mm_round_trip_and_axis_order(oblique_direction):
-    grid = geometry.ModelGrid(origin=(1, 2, 3), spacing=(0.5, 2.0, 3.0),
-                              direction=tuple(oblique_direction.ravel()), size=(4, 5, 6))
+    grid = geometry.ModelGrid(
+        origin=(1, 2, 3), spacing=(0.5, 2.0, 3.0), direction=tuple(oblique_direction.ravel()), size=(4, 5, 6)
+    )
     flow = np.zeros(grid.shape + (3,), np.float32)
     flow[..., 0] = 1.0  # one voxel along array axis 0 = ITK index k (z)
     mm = geometry.flow_to_displacement_mm(flow, grid)
@@ -100,23 +116,35 @@ def test_affine_map_matches_sitk():
 def test_composed_field_equals_affine_after_displacement(fixed_and_moving, oblique_direction):
     """T(x) = A(x + d(x)) written as one field warps like SimpleITK's composite of A and a translation."""
     fixed, moving = fixed_and_moving
-    grid = geometry.model_grid_for_box(fixed, np.array([10.0, 8.0, 6.0]), np.array([45.0, 39.0, 33.0]),
-                                       grid_shape=(16, 16, 16))
+    grid = geometry.model_grid_for_box(
+        fixed, np.array([10.0, 8.0, 6.0]), np.array([45.0, 39.0, 33.0]), grid_shape=(16, 16, 16)
+    )
     euler = sitk.Euler3DTransform((20.0, -10.0, 15.0), 0.08, -0.05, 0.1, (3.0, -2.0, 4.0))
     affine = geometry.AffineMap.from_sitk(euler)
     shift_mm = np.array([2.5, -1.5, 3.0])
     displacement = np.broadcast_to(shift_mm, grid.shape + (3,))
     field = geometry.compose_displacement_field(fixed, grid, affine, displacement)
-    warped = sitk.Resample(moving, grid.reference_image(), geometry.displacement_field_transform(field),
-                           sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    warped = sitk.Resample(
+        moving,
+        grid.reference_image(),
+        geometry.displacement_field_transform(field),
+        sitk.sitkLinear,
+        0.0,
+        sitk.sitkFloat32,
+    )
     composite = sitk.CompositeTransform([euler, sitk.TranslationTransform(3, tuple(shift_mm))])
-    expected = sitk.Resample(moving, grid.reference_image(), composite, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    expected = sitk.Resample(
+        moving, grid.reference_image(), composite, sitk.sitkLinear, 0.0, sitk.sitkFloat32
+    )
     np.testing.assert_allclose(sitk.GetArrayFromImage(warped), sitk.GetArrayFromImage(expected), atol=1e-3)
     # outside the grid: the affine part alone, across the whole fixed image
     whole = sitk.Resample(moving, fixed, geometry.displacement_field_transform(field), sitk.sitkLinear, 0.0)
     affine_only = sitk.Resample(moving, fixed, euler, sitk.sitkLinear, 0.0)
-    inside = sitk.GetArrayFromImage(sitk.Resample(sitk.Image(grid.reference_image()) + 1, fixed,
-                                                  sitk.Transform(), sitk.sitkNearestNeighbor, 0))
+    inside = sitk.GetArrayFromImage(
+        sitk.Resample(
+            sitk.Image(grid.reference_image()) + 1, fixed, sitk.Transform(), sitk.sitkNearestNeighbor, 0
+        )
+    )
     outside = ndimage.binary_dilation(inside > 0, iterations=3) == 0
     difference = np.abs(sitk.GetArrayFromImage(whole) - sitk.GetArrayFromImage(affine_only))[outside]
     assert outside.sum() > 1000 and difference.max() < 1e-3
@@ -125,18 +153,29 @@ def test_composed_field_equals_affine_after_displacement(fixed_and_moving, obliq
 def test_model_grid_flow_matches_physical_warp(fixed_and_moving):
     """Warping on the model grid in index space equals resampling through the composed physical field."""
     fixed, moving = fixed_and_moving
-    grid = geometry.model_grid_for_box(fixed, np.array([5.0, 5.0, 5.0]), np.array([50.0, 42.0, 34.0]),
-                                       grid_shape=(16, 20, 24))
-    affine = geometry.AffineMap.from_sitk(sitk.Euler3DTransform((0, 0, 0), 0.05, 0.02, -0.04, (1.0, 2.0, -1.0)))
+    grid = geometry.model_grid_for_box(
+        fixed, np.array([5.0, 5.0, 5.0]), np.array([50.0, 42.0, 34.0]), grid_shape=(16, 20, 24)
+    )
+    affine = geometry.AffineMap.from_sitk(
+        sitk.Euler3DTransform((0, 0, 0), 0.05, 0.02, -0.04, (1.0, 2.0, -1.0))
+    )
     moving_on_grid = geometry.resample_to_grid(moving, grid, transform=affine.to_sitk())
     rng = np.random.default_rng(3)
     flow = np.stack([ndimage.gaussian_filter(rng.normal(size=grid.shape), 3) * 8 for _ in range(3)], axis=-1)
     coordinates = np.indices(grid.shape, dtype=np.float64) + np.moveaxis(flow, -1, 0)
     warped_index_space = ndimage.map_coordinates(moving_on_grid, coordinates, order=1, mode="nearest")
-    field = geometry.compose_displacement_field(fixed, grid, affine, geometry.flow_to_displacement_mm(flow, grid))
+    field = geometry.compose_displacement_field(
+        fixed, grid, affine, geometry.flow_to_displacement_mm(flow, grid)
+    )
     smoothed_moving = geometry._antialias_for_grid(moving, grid, affine.to_sitk())
-    warped_physical = sitk.GetArrayFromImage(sitk.Resample(
-        smoothed_moving, grid.reference_image(), geometry.displacement_field_transform(field), sitk.sitkLinear))
+    warped_physical = sitk.GetArrayFromImage(
+        sitk.Resample(
+            smoothed_moving,
+            grid.reference_image(),
+            geometry.displacement_field_transform(field),
+            sitk.sitkLinear,
+        )
+    )
     interior = (slice(3, -3),) * 3  # away from border clamping
     error = np.abs(warped_index_space - warped_physical)[interior]
     # both interpolate linearly, but on different lattices (grid vs moving voxels): small, not zero
@@ -144,8 +183,9 @@ def test_model_grid_flow_matches_physical_warp(fixed_and_moving):
 
 
 def test_taper_is_zero_on_border_and_one_inside():
-    grid = geometry.ModelGrid(origin=(0, 0, 0), spacing=(2.0, 2.0, 2.0), direction=tuple(np.eye(3).ravel()),
-                              size=(32, 32, 32))
+    grid = geometry.ModelGrid(
+        origin=(0, 0, 0), spacing=(2.0, 2.0, 2.0), direction=tuple(np.eye(3).ravel()), size=(32, 32, 32)
+    )
     weights = geometry.taper_weights(grid, width_mm=10.0)
     assert weights[0].max() == 0 and weights[:, :, -1].max() == 0
     assert np.all(weights[5:-5, 5:-5, 5:-5] == 1.0)
@@ -154,8 +194,12 @@ def test_taper_is_zero_on_border_and_one_inside():
 
 def test_resample_to_grid_antialiases_and_normalises():
     fine = make_image(np.indices((64, 64, 64)).sum(0) % 2 * 1000.0 - 500.0, spacing=(0.5, 0.5, 0.5))
-    grid = geometry.ModelGrid(origin=(0.75, 0.75, 0.75), spacing=(2.0, 2.0, 2.0),
-                              direction=tuple(np.eye(3).ravel()), size=(15, 15, 15))
+    grid = geometry.ModelGrid(
+        origin=(0.75, 0.75, 0.75),
+        spacing=(2.0, 2.0, 2.0),
+        direction=tuple(np.eye(3).ravel()),
+        size=(15, 15, 15),
+    )
     coarse = geometry.resample_to_grid(fine, grid)
     assert np.ptp(coarse[2:-2, 2:-2, 2:-2]) < 50  # a checkerboard at 0.5 mm averages out at 2 mm
     normalised = geometry.normalize_ct(np.array([-1000.0, -200.0, 50.0, 300.0, 2000.0]))

@@ -18,10 +18,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicerio
-from conftest import make_image, rotation_matrix
+from scipy import ndimage
+
 from dareg import io
 from dareg.errors import DaregError
-from scipy import ndimage
+
+from conftest import make_image, rotation_matrix
 
 SPACING = (0.8, 1.3, 2.5)
 ORIGIN = (-120.5, 33.25, 401.0)
@@ -148,8 +150,12 @@ def write_dicom_series(image: sitk.Image, folder: Path, series_uid: str, prefix:
 def test_dicom_series_round_trip_and_largest_series(tmp_path, caplog):
     direction = rotation_matrix([0.4, 1.0, 0.3], 22.0)  # DICOM frames are right-handed
     rng = np.random.default_rng(3)
-    image = make_image(rng.integers(-1000, 2000, size=(6, 10, 12)).astype(np.int16), spacing=SPACING,
-                       origin=ORIGIN, direction=direction)
+    image = make_image(
+        rng.integers(-1000, 2000, size=(6, 10, 12)).astype(np.int16),
+        spacing=SPACING,
+        origin=ORIGIN,
+        direction=direction,
+    )
     write_dicom_series(image, tmp_path / "dicom", "1.2.826.0.1.3680043.2.1125.2", "a")
     write_dicom_series(image[:, :, :3], tmp_path / "dicom", "1.2.826.0.1.3680043.2.1125.3", "b")
     with caplog.at_level(logging.WARNING, logger="dareg.io"):
@@ -239,8 +245,9 @@ def test_plain_label_map_round_trip(tmp_path, oblique_direction, suffix):
 
 
 def test_float_label_file_with_integer_values_is_accepted(tmp_path, oblique_direction):
-    labels = make_image(label_array().astype(np.float32), spacing=SPACING, origin=ORIGIN,
-                        direction=oblique_direction)
+    labels = make_image(
+        label_array().astype(np.float32), spacing=SPACING, origin=ORIGIN, direction=oblique_direction
+    )
     sitk.WriteImage(labels, str(tmp_path / "labels.nrrd"))
     read = io.read_label_map(tmp_path / "labels.nrrd")
     assert read.image.GetPixelID() == sitk.sitkUInt16
@@ -286,11 +293,19 @@ def nearest_lookup(labels: sitk.Image, reference: sitk.Image) -> np.ndarray:
 
 
 def test_label_map_is_resampled_onto_reference(tmp_path, oblique_direction):
-    reference = make_image(np.zeros((14, 16, 18), np.float32), spacing=(0.6, 0.9, 1.7), origin=ORIGIN,
-                           direction=oblique_direction)
+    reference = make_image(
+        np.zeros((14, 16, 18), np.float32),
+        spacing=(0.6, 0.9, 1.7),
+        origin=ORIGIN,
+        direction=oblique_direction,
+    )
     coarse_origin = np.asarray(ORIGIN) + oblique_direction @ np.array([0.913, -0.377, 0.271])
-    labels = make_image(label_array(), spacing=SPACING, origin=coarse_origin,
-                        direction=rotation_matrix([0.2, -1.0, 0.6], 17.0) @ oblique_direction)
+    labels = make_image(
+        label_array(),
+        spacing=SPACING,
+        origin=coarse_origin,
+        direction=rotation_matrix([0.2, -1.0, 0.6], 17.0) @ oblique_direction,
+    )
     io.write_label_map(io.LabelMap(labels), tmp_path / "labels.nrrd")
     file_digest = digest(tmp_path / "labels.nrrd")
     read = io.read_label_map(tmp_path / "labels.nrrd", reference=reference)
@@ -302,10 +317,12 @@ def test_label_map_is_resampled_onto_reference(tmp_path, oblique_direction):
 
 
 def test_label_map_on_rounded_reference_grid_keeps_voxels(tmp_path, oblique_direction):
-    reference = make_image(np.zeros((10, 12, 14), np.float32), spacing=SPACING, origin=ORIGIN,
-                           direction=oblique_direction)
-    labels = make_image(label_array(), spacing=SPACING, origin=np.asarray(ORIGIN) + 2e-6,
-                        direction=oblique_direction)
+    reference = make_image(
+        np.zeros((10, 12, 14), np.float32), spacing=SPACING, origin=ORIGIN, direction=oblique_direction
+    )
+    labels = make_image(
+        label_array(), spacing=SPACING, origin=np.asarray(ORIGIN) + 2e-6, direction=oblique_direction
+    )
     io.write_label_map(io.LabelMap(labels), tmp_path / "labels.nii.gz")
     read = io.read_label_map(tmp_path / "labels.nii.gz", reference=reference)
     assert_same_geometry(read.image, reference, atol=0)  # header rounding removed, exactly the reference
@@ -314,8 +331,12 @@ def test_label_map_on_rounded_reference_grid_keeps_voxels(tmp_path, oblique_dire
 
 def test_label_map_without_overlap_is_rejected(tmp_path, oblique_direction):
     reference = random_image(oblique_direction)
-    labels = make_image(label_array(), spacing=SPACING, origin=np.asarray(ORIGIN) + [500.0, 0.0, 0.0],
-                        direction=oblique_direction)
+    labels = make_image(
+        label_array(),
+        spacing=SPACING,
+        origin=np.asarray(ORIGIN) + [500.0, 0.0, 0.0],
+        direction=oblique_direction,
+    )
     io.write_label_map(io.LabelMap(labels), tmp_path / "far.nrrd")
     with pytest.raises(DaregError, match="does not overlap its image"):
         io.read_label_map(tmp_path / "far.nrrd", reference=reference)
@@ -358,8 +379,9 @@ def test_seg_nrrd_with_overlapping_segments(tmp_path, oblique_direction):
     for name, mask in (("liver", liver), ("vessel", vessel), ("kidney", kidney)):
         expected[mask] = ids[name]  # later segments win the shared voxels
     np.testing.assert_array_equal(sitk.GetArrayFromImage(read.image), expected.transpose(2, 1, 0))
-    expected_geometry = make_image(np.zeros(shape_ijk[::-1]), spacing=SPACING, origin=ORIGIN,
-                                   direction=oblique_direction)
+    expected_geometry = make_image(
+        np.zeros(shape_ijk[::-1]), spacing=SPACING, origin=ORIGIN, direction=oblique_direction
+    )
     assert_same_geometry(read.image, expected_geometry, atol=1e-9)
 
 
@@ -440,16 +462,21 @@ def test_read_transform_affine_and_displacement_errors(tmp_path):
 
 def test_ants_applies_written_field_as_sitk_does(tmp_path, oblique_direction):
     ants = pytest.importorskip("ants")
-    fixed = make_image(np.zeros((18, 20, 22), np.float32), spacing=(1.1, 0.9, 2.2), origin=ORIGIN,
-                       direction=oblique_direction)
+    fixed = make_image(
+        np.zeros((18, 20, 22), np.float32),
+        spacing=(1.1, 0.9, 2.2),
+        origin=ORIGIN,
+        direction=oblique_direction,
+    )
     rng = np.random.default_rng(5)
     moving_array = ndimage.gaussian_filter(rng.normal(size=(24, 26, 28)), 2.0).astype(np.float32) * 1000
     centre = np.asarray(fixed.TransformContinuousIndexToPhysicalPoint((10.5, 9.5, 8.5)))
     moving_direction = rotation_matrix([0.3, -1.0, 0.2], 12.0)
     moving_spacing = np.array([1.2, 1.0, 1.8])
     moving_origin = centre - moving_direction @ (moving_spacing * (np.array([28, 26, 24]) - 1) / 2)
-    moving = make_image(moving_array, spacing=moving_spacing, origin=moving_origin,
-                        direction=moving_direction)
+    moving = make_image(
+        moving_array, spacing=moving_spacing, origin=moving_origin, direction=moving_direction
+    )
     field = random_field(fixed, seed=6, sigma=3.0, scale=4.0)
 
     io.write_image(fixed, tmp_path / "fixed.nii.gz")
@@ -523,12 +550,17 @@ def test_landmarks_csv_round_trip_and_columns(tmp_path):
 
 
 def markups_document(points: np.ndarray, system: str | None) -> dict:
-    markup = {"type": "Fiducial", "controlPoints": [{"label": f"F-{i}", "position": list(p)}
-                                                    for i, p in enumerate(points.tolist())]}
+    markup = {
+        "type": "Fiducial",
+        "controlPoints": [{"label": f"F-{i}", "position": list(p)} for i, p in enumerate(points.tolist())],
+    }
     if system is not None:
         markup["coordinateSystem"] = system
-    return {"@schema": "https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/"
-                       "Resources/Schema/markups-schema-v1.0.3.json#", "markups": [markup]}
+    return {
+        "@schema": "https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/"
+        "Resources/Schema/markups-schema-v1.0.3.json#",
+        "markups": [markup],
+    }
 
 
 @pytest.mark.parametrize("system", ["LPS", "RAS", None])
@@ -566,8 +598,13 @@ def test_landmark_errors(tmp_path):
 
 
 def test_write_json_converts_numpy_and_nan(tmp_path):
-    data = {"dice": np.float32(0.5), "n": np.int64(3), "tre": np.array([1.0, np.nan]), "hd": float("inf"),
-            np.int64(2): [np.bool_(True), tmp_path / "x"]}
+    data = {
+        "dice": np.float32(0.5),
+        "n": np.int64(3),
+        "tre": np.array([1.0, np.nan]),
+        "hd": float("inf"),
+        np.int64(2): [np.bool_(True), tmp_path / "x"],
+    }
     io.write_json(data, tmp_path / "report" / "metrics.json")
     text = (tmp_path / "report" / "metrics.json").read_text()
     assert "NaN" not in text and "Infinity" not in text

@@ -13,11 +13,12 @@ import math
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from dareg import metrics
-from dareg.errors import DaregError
 from scipy import ndimage
 from scipy.signal import fftconvolve
 from scipy.spatial.transform import Rotation
+
+from dareg import metrics
+from dareg.errors import DaregError
 
 SPACING = (0.8, 1.25, 2.0)  # mm along index axes i, j, k: all different, so any axis mix-up shows
 # Oblique and left-handed (one axis flipped, as in many DICOM series): determinant -1.

@@ -415,4 +415,3 @@ def test_select_device_never_touches_the_environment():
     with pytest.raises(DaregError, match="auto, cpu, gpu"):
         select_device("tpu")
     assert dict(os.environ) == before
-

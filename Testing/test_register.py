@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from cli_helpers import FAST_ARGS, write_case
-from conftest import rotation_matrix
 
 from dareg import io
 from dareg.cli import main
 from dareg.phantom import make_phantom, make_synthetic_pair
 from dareg.register import RegistrationOptions, _worse_warnings, register
+
+from conftest import rotation_matrix
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +29,20 @@ def oblique_case(tmp_path_factory):
     reference.SetDirection(tuple(moving_direction.ravel()))
     centre = moving_direction @ (np.array([55, 59, 39]) * np.array([4.2, 3.4, 5.0]) / 2)
     reference.SetOrigin(tuple(-centre))
-    return write_case(tmp_path_factory.mktemp("oblique"), direction=fixed_direction, moving_reference=reference)
+    return write_case(
+        tmp_path_factory.mktemp("oblique"), direction=fixed_direction, moving_reference=reference
+    )
 
 
 @pytest.fixture(scope="module")
 def oblique_run(oblique_case, tmp_path_factory):
     out = tmp_path_factory.mktemp("oblique_out")
-    args = oblique_case.args(out) + ["--landmarks-fixed", str(oblique_case.landmarks_fixed),
-                                     "--landmarks-moving", str(oblique_case.landmarks_moving)]
+    args = oblique_case.args(out) + [
+        "--landmarks-fixed",
+        str(oblique_case.landmarks_fixed),
+        "--landmarks-moving",
+        str(oblique_case.landmarks_moving),
+    ]
     args[args.index("--optimize") + 1] = "40"
     args[args.index("--grid") + 1] = "64"
     assert main(args) == 0
@@ -83,8 +90,16 @@ def test_transform_file_agrees_in_simpleitk_ants_and_slicer(oblique_case, obliqu
     fixed = io.read_image(oblique_case.fixed)
     moving = io.read_image(oblique_case.moving)
     by_sitk = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, transform, sitk.sitkLinear, 0.0))
-    by_ants = ants.apply_transforms(ants.image_read(str(oblique_case.fixed)), ants.image_read(str(oblique_case.moving)),
-                                    [str(path)], interpolator="linear").numpy().transpose(2, 1, 0)
+    by_ants = (
+        ants.apply_transforms(
+            ants.image_read(str(oblique_case.fixed)),
+            ants.image_read(str(oblique_case.moving)),
+            [str(path)],
+            interpolator="linear",
+        )
+        .numpy()
+        .transpose(2, 1, 0)
+    )
     assert np.percentile(np.abs(by_ants - by_sitk), 99.9) < 1e-3 * np.ptp(by_sitk)
 
     scene = slicer.vtkMRMLScene()
@@ -97,8 +112,12 @@ def test_transform_file_agrees_in_simpleitk_ants_and_slicer(oblique_case, obliqu
     grid_transform = node.GetTransformFromParent()
     grid_transform.SetInterpolationModeToLinear()  # Slicer's default is cubic; ITK and ANTs are linear
     rng = np.random.default_rng(0)
-    corners = np.array([fixed.TransformContinuousIndexToPhysicalPoint(tuple(c))
-                        for c in rng.uniform(0, 1, (200, 3)) * (np.array(fixed.GetSize()) - 1)])
+    corners = np.array(
+        [
+            fixed.TransformContinuousIndexToPhysicalPoint(tuple(c))
+            for c in rng.uniform(0, 1, (200, 3)) * (np.array(fixed.GetSize()) - 1)
+        ]
+    )
     lps_to_ras = np.array([-1.0, -1.0, 1.0])
     by_slicer = np.array([grid_transform.TransformPoint(tuple(p * lps_to_ras)) for p in corners]) * lps_to_ras
     by_itk = np.array([transform.TransformPoint(tuple(p)) for p in corners])
@@ -106,26 +125,67 @@ def test_transform_file_agrees_in_simpleitk_ants_and_slicer(oblique_case, obliqu
 
 
 def test_real_ct_with_known_deformation_improves_dice_and_tre(shared_data, tmp_path):
-    """Acceptance: the shared TotalSegmentator CT, warped by a known deformation, registered with segmentations."""
+    """Acceptance: the shared TotalSegmentator CT, warped by a known deformation, registered."""
     fixed = io.read_image(shared_data / "example_ct.nii.gz")
     labels = io.read_label_map(shared_data / "example_ct_seg.nii.gz", reference=fixed)
-    pair = make_synthetic_pair(fixed, labels.image, seed=3, landmark_labels=(5,), max_deformation_mm=8.0,
-                               max_rotation_deg=5.0, max_translation_mm=10.0)
+    pair = make_synthetic_pair(
+        fixed,
+        labels.image,
+        seed=3,
+        landmark_labels=(5,),
+        max_deformation_mm=8.0,
+        max_rotation_deg=5.0,
+        max_translation_mm=10.0,
+    )
     io.write_image(pair.moving_image, tmp_path / "moving.nii.gz")
     io.write_label_map(io.LabelMap(pair.moving_labels, {}), tmp_path / "moving_seg.nii.gz")
     io.write_landmarks(pair.fixed_landmarks, tmp_path / "fixed.csv")
     io.write_landmarks(pair.moving_landmarks, tmp_path / "moving.csv")
     out = tmp_path / "out"
-    code = main(["register", "--fixed", str(shared_data / "example_ct.nii.gz"), "--moving", str(tmp_path / "moving.nii.gz"),
-                 "--fixed-seg", str(shared_data / "example_ct_seg.nii.gz"), "--moving-seg",
-                 str(tmp_path / "moving_seg.nii.gz"), "--liver-label", "5", "--labels", "5", "63", "64",
-                 "--landmarks-fixed", str(tmp_path / "fixed.csv"), "--landmarks-moving", str(tmp_path / "moving.csv"),
-                 "--model", "none", "--grid", "96", "--optimize", "40", "--out", str(out)])
+    code = main(
+        [
+            "register",
+            "--fixed",
+            str(shared_data / "example_ct.nii.gz"),
+            "--moving",
+            str(tmp_path / "moving.nii.gz"),
+            "--fixed-seg",
+            str(shared_data / "example_ct_seg.nii.gz"),
+            "--moving-seg",
+            str(tmp_path / "moving_seg.nii.gz"),
+            "--liver-label",
+            "5",
+            "--labels",
+            "5",
+            "63",
+            "64",
+            "--landmarks-fixed",
+            str(tmp_path / "fixed.csv"),
+            "--landmarks-moving",
+            str(tmp_path / "moving.csv"),
+            "--model",
+            "none",
+            "--grid",
+            "96",
+            "--optimize",
+            "40",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     document = json.loads((out / "metrics.json").read_text())
     before, after = document["metrics"]["unregistered"], document["metrics"]["registered"]
-    print("liver DSC", before["labels"]["5"]["dice"], "->", after["labels"]["5"]["dice"],
-          "landmark TRE", before["landmark_tre"]["mean"], "->", after["landmark_tre"]["mean"])
+    print(
+        "liver DSC",
+        before["labels"]["5"]["dice"],
+        "->",
+        after["labels"]["5"]["dice"],
+        "landmark TRE",
+        before["landmark_tre"]["mean"],
+        "->",
+        after["landmark_tre"]["mean"],
+    )
     assert after["labels"]["5"]["dice"] > before["labels"]["5"]["dice"] + 0.05
     assert after["landmark_tre"]["mean"] < 0.5 * before["landmark_tre"]["mean"]
     assert after["labels"]["5"]["centroid_tre"] < before["labels"]["5"]["centroid_tre"]
@@ -139,7 +199,9 @@ def test_same_seed_same_result():
     moving_seg = io.LabelMap(pair.moving_labels, dict(phantom.names))
     first = register(phantom.image, pair.moving_image, seg, moving_seg, options=options)
     second = register(phantom.image, pair.moving_image, seg, moving_seg, options=options)
-    np.testing.assert_allclose(sitk.GetArrayFromImage(first.field), sitk.GetArrayFromImage(second.field), atol=1e-6)
+    np.testing.assert_allclose(
+        sitk.GetArrayFromImage(first.field), sitk.GetArrayFromImage(second.field), atol=1e-6
+    )
 
 
 def test_images_only_registration_runs_without_segmentations(tmp_path):
@@ -154,13 +216,22 @@ def test_images_only_registration_runs_without_segmentations(tmp_path):
 
 def test_worse_results_become_warnings():
     block = {"ncc": 0.9, "labels": {"liver": {"dice": 0.9}}, "landmark_tre": {"mean": 2.0}}
-    worse = {"ncc": 0.7, "labels": {"liver": {"dice": 0.6}}, "landmark_tre": {"mean": 5.0},
-             "jacobian": {"fraction_nonpositive": 0.02}}
+    worse = {
+        "ncc": 0.7,
+        "labels": {"liver": {"dice": 0.6}},
+        "landmark_tre": {"mean": 5.0},
+        "jacobian": {"fraction_nonpositive": 0.02},
+    }
     warnings = _worse_warnings({"unregistered": block, "registered": worse})
     assert len(warnings) == 4
     assert any("NCC" in w for w in warnings) and any("liver" in w for w in warnings)
     assert any("TRE" in w for w in warnings) and any("folds" in w for w in warnings)
-    assert _worse_warnings({"unregistered": block, "registered": {**block, "jacobian": {"fraction_nonpositive": 0}}}) == []
+    assert (
+        _worse_warnings(
+            {"unregistered": block, "registered": {**block, "jacobian": {"fraction_nonpositive": 0}}}
+        )
+        == []
+    )
 
 
 def test_summary_printed_and_progress_lines(tmp_path, capsys):

@@ -39,31 +39,56 @@ def _add_register_arguments(parser: argparse.ArgumentParser) -> None:
     from dareg.initialize import INIT_MODES
 
     inputs = parser.add_argument_group("inputs")
-    inputs.add_argument("--fixed", required=True, type=Path, help="fixed CT: NIfTI, NRRD, MHA or a DICOM folder")
-    inputs.add_argument("--moving", required=True, type=Path, help="moving CT: NIfTI, NRRD, MHA or a DICOM folder")
+    inputs.add_argument(
+        "--fixed", required=True, type=Path, help="fixed CT: NIfTI, NRRD, MHA or a DICOM folder"
+    )
+    inputs.add_argument(
+        "--moving", required=True, type=Path, help="moving CT: NIfTI, NRRD, MHA or a DICOM folder"
+    )
     inputs.add_argument("--fixed-seg", type=Path, help="label map or Slicer .seg.nrrd of the fixed CT")
     inputs.add_argument("--moving-seg", type=Path, help="label map or Slicer .seg.nrrd of the moving CT")
-    inputs.add_argument("--liver-label", type=_label, default=1,
-                        help="liver label id or segment name (TotalSegmentator: 5)")
-    inputs.add_argument("--labels", type=_label, nargs="+",
-                        help="label ids/names that guide optimisation and are reported (default: all shared)")
-    inputs.add_argument("--landmarks-fixed", type=Path, help="fixed landmarks: CSV of LPS mm x,y,z or .mrk.json")
-    inputs.add_argument("--landmarks-moving", type=Path,
-                        help="corresponding moving landmarks (same order); with --landmarks-fixed gives TRE")
+    inputs.add_argument(
+        "--liver-label", type=_label, default=1, help="liver label id or segment name (TotalSegmentator: 5)"
+    )
+    inputs.add_argument(
+        "--labels",
+        type=_label,
+        nargs="+",
+        help="label ids/names that guide optimisation and are reported (default: all shared)",
+    )
+    inputs.add_argument(
+        "--landmarks-fixed", type=Path, help="fixed landmarks: CSV of LPS mm x,y,z or .mrk.json"
+    )
+    inputs.add_argument(
+        "--landmarks-moving",
+        type=Path,
+        help="corresponding moving landmarks (same order); with --landmarks-fixed gives TRE",
+    )
     method = parser.add_argument_group("method")
-    method.add_argument("--model", default="default",
-                        help="bundled model name, model folder, 'none' (affine + instance optimisation) "
-                             "or 'default' (best bundled model; none while no model is bundled)")
-    method.add_argument("--optimize", type=int, default=50, metavar="N",
-                        help="instance-optimisation steps (0 = off)")
+    method.add_argument(
+        "--model",
+        default="default",
+        help="bundled model name, model folder, 'none' (affine + instance optimisation) "
+        "or 'default' (best bundled model; none while no model is bundled)",
+    )
+    method.add_argument(
+        "--optimize", type=int, default=50, metavar="N", help="instance-optimisation steps (0 = off)"
+    )
     method.add_argument("--init", choices=INIT_MODES, default="rigid", help="initial alignment")
-    method.add_argument("--grid", type=int, default=128, help="model grid size per axis when no model sets it")
+    method.add_argument(
+        "--grid", type=int, default=128, help="model grid size per axis when no model sets it"
+    )
     method.add_argument("--margin", type=float, default=40.0, help="ROI margin around the liver masks (mm)")
-    method.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto", help="where the network runs")
+    method.add_argument(
+        "--device", choices=("auto", "cpu", "gpu"), default="auto", help="where the network runs"
+    )
     method.add_argument("--seed", type=int, default=0, help="seed of every random draw")
     parser.add_argument("--out", required=True, type=Path, help="output folder (created; files replaced)")
-    parser.add_argument("--progress-lines", action="store_true",
-                        help="print 'PROGRESS <fraction> <stage>' lines on stdout (for 3D Slicer)")
+    parser.add_argument(
+        "--progress-lines",
+        action="store_true",
+        help="print 'PROGRESS <fraction> <stage>' lines on stdout (for 3D Slicer)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,12 +97,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
     commands = parser.add_subparsers(dest="command", required=True)
     register = commands.add_parser(
-        "register", help="register a moving CT to a fixed CT", epilog=EXAMPLE_REGISTER,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "register",
+        help="register a moving CT to a fixed CT",
+        epilog=EXAMPLE_REGISTER,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_register_arguments(register)
     demo = commands.add_parser(
-        "demo", help="generate a phantom pair with a known deformation, register it and report",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "demo",
+        help="generate a phantom pair with a known deformation, register it and report",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     demo.add_argument("--out", type=Path, default=Path("demo_output"), help="output folder")
     demo.add_argument("--seed", type=int, default=0, help="phantom and deformation seed")
     demo.add_argument("--optimize", type=int, default=50, metavar="N", help="instance-optimisation steps")
@@ -90,7 +120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dareg.errors import DaregError
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         if args.command == "register":

@@ -19,8 +19,14 @@ class _Progress:
 
     def __init__(self, lines: bool) -> None:
         self.lines = lines
-        self.bar = tqdm(total=100, unit="%", file=sys.stderr, leave=False, disable=None,
-                        bar_format="{l_bar}{bar}| {elapsed}")
+        self.bar = tqdm(
+            total=100,
+            unit="%",
+            file=sys.stderr,
+            leave=False,
+            disable=None,
+            bar_format="{l_bar}{bar}| {elapsed}",
+        )
 
     def __call__(self, fraction: float, stage: str) -> None:
         self.bar.set_description(stage)
@@ -38,9 +44,16 @@ def _options(args: argparse.Namespace) -> RegistrationOptions:
     if args.grid < 16 or args.grid % 16:
         raise DaregError(f"--grid must be a multiple of 16 (e.g. 64, 128), got {args.grid}.")
     return RegistrationOptions(
-        model=args.model, optimize_steps=args.optimize, init=args.init, grid_shape=(args.grid,) * 3,
-        margin_mm=args.margin, liver_label=args.liver_label,
-        labels=tuple(args.labels) if args.labels else None, device=args.device, seed=args.seed)
+        model=args.model,
+        optimize_steps=args.optimize,
+        init=args.init,
+        grid_shape=(args.grid,) * 3,
+        margin_mm=args.margin,
+        liver_label=args.liver_label,
+        labels=tuple(args.labels) if args.labels else None,
+        device=args.device,
+        seed=args.seed,
+    )
 
 
 def run_register(args: argparse.Namespace) -> RegistrationResult:
@@ -54,20 +67,39 @@ def run_register(args: argparse.Namespace) -> RegistrationResult:
     fixed_points = io.read_landmarks(args.landmarks_fixed) if args.landmarks_fixed else None
     moving_points = io.read_landmarks(args.landmarks_moving) if args.landmarks_moving else None
     if fixed_points is not None and moving_points is not None and len(fixed_points) != len(moving_points):
-        raise DaregError(f"--landmarks-fixed has {len(fixed_points)} points but --landmarks-moving has "
-                         f"{len(moving_points)}; they must correspond one to one, in the same order.")
+        raise DaregError(
+            f"--landmarks-fixed has {len(fixed_points)} points but --landmarks-moving has "
+            f"{len(moving_points)}; they must correspond one to one, in the same order."
+        )
     progress = _Progress(args.progress_lines)
     try:
-        result = register(fixed, moving, fixed_seg, moving_seg, options=options, fixed_landmarks=fixed_points,
-                          moving_landmarks=moving_points, progress=progress)
+        result = register(
+            fixed,
+            moving,
+            fixed_seg,
+            moving_seg,
+            options=options,
+            fixed_landmarks=fixed_points,
+            moving_landmarks=moving_points,
+            progress=progress,
+        )
     finally:
         progress.close()
-    run_info = {"command": "register", "options": {k: _plain(v) for k, v in vars(options).items()},
-                "inputs": {k: str(getattr(args, k)) for k in ("fixed", "moving", "fixed_seg", "moving_seg",
-                                                               "landmarks_fixed", "landmarks_moving")
-                           if getattr(args, k) is not None}}
-    files = outputs.write_result(result, out_dir, run_info=run_info,
-                                 segmentation_name=outputs.warped_segmentation_name(args.moving_seg))
+    run_info = {
+        "command": "register",
+        "options": {k: _plain(v) for k, v in vars(options).items()},
+        "inputs": {
+            k: str(getattr(args, k))
+            for k in ("fixed", "moving", "fixed_seg", "moving_seg", "landmarks_fixed", "landmarks_moving")
+            if getattr(args, k) is not None
+        },
+    }
+    files = outputs.write_result(
+        result,
+        out_dir,
+        run_info=run_info,
+        segmentation_name=outputs.warped_segmentation_name(args.moving_seg),
+    )
     print(summary(result, files))
     return result
 
@@ -88,8 +120,12 @@ def summary(result: RegistrationResult, files: dict[str, Path]) -> str:
     blocks = [result.metrics[s] for s in stages]
     rows = [("NCC", [_fmt(b["ncc"]) for b in blocks]), ("SSIM", [_fmt(b["ssim"]) for b in blocks])]
     if "landmark_tre" in blocks[0]:
-        rows.append((f"landmark TRE mm (n={blocks[0]['landmark_tre']['n']})",
-                     [_fmt(b["landmark_tre"]["mean"], 2) for b in blocks]))
+        rows.append(
+            (
+                f"landmark TRE mm (n={blocks[0]['landmark_tre']['n']})",
+                [_fmt(b["landmark_tre"]["mean"], 2) for b in blocks],
+            )
+        )
     for name in blocks[0].get("labels", {}):
         values = [b["labels"][name] for b in blocks]
         rows.append((f"{name} DSC", [_fmt(v["dice"]) for v in values]))
@@ -100,8 +136,10 @@ def summary(result: RegistrationResult, files: dict[str, Path]) -> str:
     lines += [f"{label:{width}}{a:>14}{b:>10}{c:>12}" for label, (a, b, c) in rows]
     jacobian = result.metrics["registered"].get("jacobian")
     if jacobian:
-        lines.append(f"Jacobian (ROI): {100 * jacobian['fraction_nonpositive']:.2g}% folding voxels, "
-                     f"SDlogJ {jacobian['sdlogj']:.3f}")
+        lines.append(
+            f"Jacobian (ROI): {100 * jacobian['fraction_nonpositive']:.2g}% folding voxels, "
+            f"SDlogJ {jacobian['sdlogj']:.3f}"
+        )
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items() if k != "total")
     lines.append(f"time: {result.timings['total']:.1f} s ({timings}); model: {result.model_name}")
     lines += [f"WARNING: {w}" for w in result.warnings]
@@ -120,9 +158,12 @@ def run_demo(args: argparse.Namespace) -> RegistrationResult:
     phantom = make_phantom(seed=args.seed)
     pair = make_synthetic_pair(phantom.image, phantom.labels, seed=args.seed)
     paths = {
-        "fixed": inputs / "fixed.nii.gz", "moving": inputs / "moving.nii.gz",
-        "fixed_seg": inputs / "fixed_seg.seg.nrrd", "moving_seg": inputs / "moving_seg.seg.nrrd",
-        "landmarks_fixed": inputs / "landmarks_fixed.csv", "landmarks_moving": inputs / "landmarks_moving.csv",
+        "fixed": inputs / "fixed.nii.gz",
+        "moving": inputs / "moving.nii.gz",
+        "fixed_seg": inputs / "fixed_seg.seg.nrrd",
+        "moving_seg": inputs / "moving_seg.seg.nrrd",
+        "landmarks_fixed": inputs / "landmarks_fixed.csv",
+        "landmarks_moving": inputs / "landmarks_moving.csv",
     }
     io.write_image(phantom.image, paths["fixed"])
     io.write_image(pair.moving_image, paths["moving"])
@@ -131,11 +172,25 @@ def run_demo(args: argparse.Namespace) -> RegistrationResult:
     io.write_landmarks(pair.fixed_landmarks, paths["landmarks_fixed"])
     io.write_landmarks(pair.moving_landmarks, paths["landmarks_moving"])
     register_args = argparse.Namespace(
-        **paths, liver_label=1, labels=None, model=args.model, optimize=args.optimize, init="rigid", grid=128,
-        margin=40.0, device="auto", seed=args.seed, out=out_dir, progress_lines=False)
+        **paths,
+        liver_label=1,
+        labels=None,
+        model=args.model,
+        optimize=args.optimize,
+        init="rigid",
+        grid=128,
+        margin=40.0,
+        device="auto",
+        seed=args.seed,
+        out=out_dir,
+        progress_lines=False,
+    )
     result = run_register(register_args)
     before, after = result.metrics["unregistered"], result.metrics["registered"]
-    print(f"\nDemo: liver DSC {before['labels']['liver']['dice']:.3f} -> {after['labels']['liver']['dice']:.3f}, "
-          f"landmark TRE {before['landmark_tre']['mean']:.2f} -> {after['landmark_tre']['mean']:.2f} mm. "
-          f"Outputs in {out_dir.resolve()}")
+    liver_before, liver_after = before["labels"]["liver"]["dice"], after["labels"]["liver"]["dice"]
+    print(
+        f"\nDemo: liver DSC {liver_before:.3f} -> {liver_after:.3f}, "
+        f"landmark TRE {before['landmark_tre']['mean']:.2f} -> {after['landmark_tre']['mean']:.2f} mm. "
+        f"Outputs in {out_dir.resolve()}"
+    )
     return result

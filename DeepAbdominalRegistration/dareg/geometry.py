@@ -35,7 +35,9 @@ def sitk_interpolator(interpolation: Interpolation) -> int:
     try:
         return _SITK_INTERPOLATORS[interpolation]
     except KeyError:
-        raise ValueError(f"interpolation must be one of {sorted(_SITK_INTERPOLATORS)}, got {interpolation!r}") from None
+        raise ValueError(
+            f"interpolation must be one of {sorted(_SITK_INTERPOLATORS)}, got {interpolation!r}"
+        ) from None
 
 
 def resample_to_reference(
@@ -88,7 +90,9 @@ def physical_overlap(image: sitk.Image, other: sitk.Image) -> float:
     continuous_index = np.linalg.solve(matrix_i, (points - origin_i).T).T
     upper = np.asarray(image.GetSize(), dtype=float) - 1.0
     tolerance = 1e-3
-    inside = np.all((continuous_index >= -0.5 - tolerance) & (continuous_index <= upper + 0.5 + tolerance), axis=1)
+    inside = np.all(
+        (continuous_index >= -0.5 - tolerance) & (continuous_index <= upper + 0.5 + tolerance), axis=1
+    )
     return float(inside.mean())
 
 
@@ -135,7 +139,7 @@ class ModelGrid:
 
 
 def _mask_index_box(mask: sitk.Image) -> tuple[np.ndarray, np.ndarray] | None:
-    """Continuous-index bounding box (lower, upper), (x, y, z) order, of a mask's foreground; None if empty."""
+    """Continuous-index box (lower, upper), (x, y, z) order, of a mask's foreground; None if empty."""
     stats = sitk.LabelShapeStatisticsImageFilter()
     stats.Execute(sitk.Cast(mask > 0, sitk.sitkUInt8))
     if not stats.HasLabel(1):
@@ -151,8 +155,14 @@ def _physical_to_index(image: sitk.Image, points: np.ndarray) -> np.ndarray:
 
 
 def _box_corners(lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
-    return np.array([[(lower, upper)[a][0], (lower, upper)[b][1], (lower, upper)[c][2]]
-                     for a in (0, 1) for b in (0, 1) for c in (0, 1)])
+    return np.array(
+        [
+            [(lower, upper)[a][0], (lower, upper)[b][1], (lower, upper)[c][2]]
+            for a in (0, 1)
+            for b in (0, 1)
+            for c in (0, 1)
+        ]
+    )
 
 
 def roi_index_box(
@@ -195,7 +205,10 @@ def roi_index_box(
 
 
 def model_grid_for_box(
-    fixed: sitk.Image, lower: np.ndarray, upper: np.ndarray, grid_shape: tuple[int, int, int] = DEFAULT_GRID_SHAPE
+    fixed: sitk.Image,
+    lower: np.ndarray,
+    upper: np.ndarray,
+    grid_shape: tuple[int, int, int] = DEFAULT_GRID_SHAPE,
 ) -> ModelGrid:
     """The model grid (``grid_shape``, z-y-x order) whose voxels tile the fixed-index box exactly.
 
@@ -251,7 +264,7 @@ def resample_to_grid(
 
 
 def _antialias_for_grid(image: sitk.Image, grid: ModelGrid, transform: sitk.Transform | None) -> sitk.Image:
-    """Crop ``image`` to the part the grid samples (plus a margin) and low-pass it to the grid's resolution."""
+    """Crop ``image`` to the part the grid samples (plus a margin); low-pass it to the grid's resolution."""
     grid_corners = physical_corners(grid.reference_image())
     if transform is not None:
         grid_corners = np.array([transform.TransformPoint(tuple(map(float, c))) for c in grid_corners])
@@ -269,9 +282,19 @@ def _antialias_for_grid(image: sitk.Image, grid: ModelGrid, transform: sitk.Tran
         return image  # the grid does not see this image; resampling will give the default value
     cropped = sitk.RegionOfInterest(image, [int(v) for v in upper - lower + 1], [int(v) for v in lower])
     smoothed = sitk.Cast(cropped, sitk.sitkFloat32)
+    # Average whole blocks first (cheap, itself a low-pass), then blur only what remains: this keeps a
+    # 512 x 512 x 300 CT at a fraction of a second. BinShrink keeps the physical extent (origin moves
+    # to the block centre), so resampling afterwards is unaffected.
+    factors = np.maximum(1, np.floor(grid_spacing_along_image / image_spacing / 2.0)).astype(int)
+    if factors.max() > 1 and np.all(np.asarray(smoothed.GetSize()) >= 4 * factors):
+        smoothed = sitk.BinShrink(smoothed, [int(f) for f in factors])
+        image_spacing = np.asarray(smoothed.GetSpacing(), dtype=float)
+        sigma = 0.5 * np.sqrt(np.clip(grid_spacing_along_image**2 - image_spacing**2, 0.0, None))
     for axis, axis_sigma in enumerate(sigma):
         if axis_sigma >= 0.2 * image_spacing[axis]:  # below that the blur changes nothing visible
-            smoothed = sitk.RecursiveGaussian(smoothed, float(axis_sigma), False, sitk.RecursiveGaussianImageFilter.ZeroOrder, axis)
+            smoothed = sitk.RecursiveGaussian(
+                smoothed, float(axis_sigma), False, sitk.RecursiveGaussianImageFilter.ZeroOrder, axis
+            )
     return smoothed
 
 
@@ -285,8 +308,10 @@ def window_from_normalisation(normalisation: dict) -> tuple[float, float]:
     if not normalisation:
         return CT_WINDOW_HU
     if normalisation.get("kind") != "ct_window" or not {"low", "high"} <= set(normalisation):
-        raise DaregError(f"The model's intensity normalisation {normalisation} is not supported; this version "
-                         "of dareg knows {'kind': 'ct_window', 'low': HU, 'high': HU}. Update dareg or the model.")
+        raise DaregError(
+            f"The model's intensity normalisation {normalisation} is not supported; this version "
+            "of dareg knows {'kind': 'ct_window', 'low': HU, 'high': HU}. Update dareg or the model."
+        )
     return float(normalisation["low"]), float(normalisation["high"])
 
 
@@ -353,13 +378,15 @@ def flow_to_displacement_mm(flow: np.ndarray, grid: ModelGrid) -> np.ndarray:
 
 
 def displacement_mm_to_flow(displacement: np.ndarray, grid: ModelGrid) -> np.ndarray:
-    """Inverse of :func:`flow_to_displacement_mm`: LPS mm (z, y, x, 3) -> grid voxels, channel along array axis."""
+    """Inverse of :func:`flow_to_displacement_mm`: LPS mm (z, y, x, 3) -> grid voxels."""
     matrix = np.asarray(grid.direction, dtype=float).reshape(3, 3) @ np.diag(grid.spacing)
-    return (np.asarray(displacement, dtype=np.float64) @ np.linalg.inv(matrix).T)[..., ::-1].astype(np.float32)
+    return (np.asarray(displacement, dtype=np.float64) @ np.linalg.inv(matrix).T)[..., ::-1].astype(
+        np.float32
+    )
 
 
 def taper_weights(grid: ModelGrid, width_mm: float) -> np.ndarray:
-    """Weights (z, y, x) in [0, 1]: 0 on the grid's outermost voxels, rising smoothly to 1 at ``width_mm`` inside.
+    """Weights (z, y, x) in [0, 1]: 0 on the grid's outermost voxels, smoothly 1 at ``width_mm`` inside.
 
     Why: outside the ROI the transform is the affine part only. Fading the deformable part to zero
     over the margin keeps the composed field continuous at the box border, so no folding is created
@@ -408,7 +435,7 @@ def compose_displacement_field(
     if displacement_mm is not None:
         z0, y0, x0 = (-first[::-1]).tolist()
         gz, gy, gx = grid.shape
-        deformable[z0:z0 + gz, y0:y0 + gy, x0:x0 + gx] = displacement_mm
+        deformable[z0 : z0 + gz, y0 : y0 + gy, x0 : x0 + gx] = displacement_mm
     matrix = np.asarray(grid.direction, dtype=float).reshape(3, 3) @ np.diag(grid.spacing)
     origin = np.asarray(grid.origin) + matrix @ first
     k, j, i = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij", sparse=True)

@@ -26,6 +26,7 @@ from collections.abc import Iterable
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
+from scipy.spatial import cKDTree
 
 from dareg.errors import DaregError
 from dareg.geometry import index_to_physical_matrix, resample_to_reference
@@ -118,10 +119,11 @@ def _label_array(image: sitk.Image, what: str) -> np.ndarray:
     if not np.issubdtype(values.dtype, np.integer):
         if not np.array_equal(values, np.round(values)):
             raise ValueError(f"{what} holds non-integer values: it is not a label map.")
-    values = values.astype(np.int64)
+    if np.issubdtype(values.dtype, np.unsignedinteger):
+        return values  # already valid ids; no copy (a full-size CT label map is ~80 M voxels)
     if values.size and values.min() < 0:
         raise ValueError(f"{what} holds negative label ids; label ids must be >= 0 (0 = background).")
-    return values
+    return values.astype(np.int64)
 
 
 def _present_ids(*label_arrays: np.ndarray) -> set[int]:
@@ -315,11 +317,17 @@ def _surface(region: np.ndarray) -> np.ndarray:
 
 
 def _surface_distances(first: np.ndarray, second: np.ndarray, spacing_zyx: np.ndarray) -> np.ndarray:
-    """Pooled distances (mm) from each surface voxel of one region to the other region's surface."""
-    surface_first, surface_second = _surface(first), _surface(second)
-    to_second = ndimage.distance_transform_edt(~surface_second, sampling=spacing_zyx)
-    to_first = ndimage.distance_transform_edt(~surface_first, sampling=spacing_zyx)
-    return np.concatenate([to_second[surface_first], to_first[surface_second]])
+    """Pooled distances (mm) from each surface voxel of one region to the other region's surface.
+
+    Nearest-neighbour queries in a k-d tree of the other surface's voxel centres (in mm): the same
+    distances as a Euclidean distance transform, but the cost grows with the surface area rather than
+    the volume, which matters for a liver at full CT resolution.
+    """
+    points_first = np.argwhere(_surface(first)) * spacing_zyx
+    points_second = np.argwhere(_surface(second)) * spacing_zyx
+    to_second = cKDTree(points_second).query(points_first)[0]
+    to_first = cKDTree(points_first).query(points_second)[0]
+    return np.concatenate([to_second, to_first])
 
 
 def _require_orthonormal_direction(image: sitk.Image) -> None:
@@ -336,8 +344,8 @@ def hausdorff(
     """Symmetric Hausdorff distance and its 95th percentile per label, in mm.
 
     Distances are Euclidean distances between surface voxels (voxels of the label with a face
-    neighbour outside it), computed with an exact distance transform on the spacing-scaled grid
-    (``scipy.ndimage.distance_transform_edt`` with ``sampling`` = spacing): physical, because the
+    neighbour outside it), found exactly by nearest-neighbour queries between the two surfaces'
+    voxel centres on the spacing-scaled grid (``scipy.spatial.cKDTree``): physical, because the
     direction matrix is a rotation and rotations keep lengths.
 
     ``hd`` is the largest surface distance in either direction. ``hd95`` is the 95th percentile of
@@ -404,14 +412,16 @@ def label_centroids(labels: sitk.Image, *, labels_ids: Iterable[int] | None = No
     """
     values = _label_array(labels, "label map")
     ids = _resolve_ids(labels_ids, values)
-    present = [label for label, count in zip(ids, _counts(values, ids), strict=True) if count > 0]
     centroids = {label: np.full(3, math.nan) for label in ids}
-    if present:
-        centres_zyx = np.atleast_2d(ndimage.center_of_mass(values != 0, values, present))
-        matrix, origin = index_to_physical_matrix(labels)
-        # Array axes are (k, j, i): reverse to index order before the index -> LPS mapping.
-        physical = centres_zyx[:, ::-1] @ matrix.T + origin
-        centroids.update({label: point for label, point in zip(present, physical, strict=True)})
+    # SimpleITK's shape statistics give physical (LPS mm) centroids of voxel centres directly,
+    # multi-threaded: ~10x faster than scipy's center_of_mass on a full-size CT.
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.ComputePerimeterOff()
+    stats.ComputeFeretDiameterOff()
+    stats.ComputeOrientedBoundingBoxOff()
+    image = labels if np.issubdtype(values.dtype, np.unsignedinteger) else sitk.Cast(labels, sitk.sitkUInt32)
+    stats.Execute(image)
+    centroids.update({label: np.asarray(stats.GetCentroid(label)) for label in ids if stats.HasLabel(label)})
     return centroids
 
 
@@ -689,7 +699,9 @@ def registration_metrics(
         raise ValueError("centroid TRE from moving_labels needs fixed_labels and the registration transform.")
     if (fixed_points is None) != (moving_points is None) or (fixed_points is not None and transform is None):
         raise ValueError("landmark TRE needs fixed_points, moving_points and the registration transform.")
-    result: dict = {} if warped_image is None else dict(intensity_metrics(fixed_image, warped_image, mask=roi_mask))
+    result: dict = (
+        {} if warped_image is None else dict(intensity_metrics(fixed_image, warped_image, mask=roi_mask))
+    )
     if fixed_labels is not None:
         result["labels"], result["labels_mean"] = _label_metrics(
             fixed_image, fixed_labels, warped_labels, moving_labels, transform, label_names or {}

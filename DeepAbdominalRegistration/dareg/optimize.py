@@ -68,6 +68,7 @@ def _box_mean(x: tf.Tensor, window: int) -> tf.Tensor:
 
 def local_ncc(a: tf.Tensor, b: tf.Tensor, window: int) -> tf.Tensor:
     """Mean local (windowed) normalised cross-correlation, squared as in VoxelMorph; 1 = identical."""
+
     def mean(x):
         return _box_mean(x, window)
 
@@ -123,7 +124,9 @@ def optimize_flow(
     """
     if any(n % 2 for n in fixed.shape):
         raise ValueError(f"the model grid must have even sizes for instance optimisation, got {fixed.shape}")
-    initial = np.zeros(fixed.shape + (3,), np.float32) if initial_flow is None else initial_flow.astype(np.float32)
+    initial = (
+        np.zeros(fixed.shape + (3,), np.float32) if initial_flow is None else initial_flow.astype(np.float32)
+    )
     if settings.steps <= 0:
         return initial * taper[..., None]
     coarse_spacing = 2.0 * np.asarray(spacing_zyx, dtype=np.float32)

@@ -34,7 +34,8 @@ def prepare_output_folder(out_dir: Path) -> Path:
     except OSError as exc:
         raise DaregError(
             f"Cannot write to the output folder {out_dir} ({exc.strerror or exc}). "
-            "Choose a folder you have write permission for, e.g. --out ~/dareg_output.") from exc
+            "Choose a folder you have write permission for, e.g. --out ~/dareg_output."
+        ) from exc
     return out_dir
 
 
@@ -45,7 +46,9 @@ def warped_segmentation_name(moving_seg_path: Path | None) -> str:
     return "warped_moving_seg.nii.gz"
 
 
-def write_result(result: RegistrationResult, out_dir: Path, *, segmentation_name: str, run_info: dict) -> dict:
+def write_result(
+    result: RegistrationResult, out_dir: Path, *, segmentation_name: str, run_info: dict
+) -> dict:
     """Write transform, warped image/labels, mapped landmarks and metrics.json; returns {kind: path}."""
     out_dir = prepare_output_folder(out_dir)
     staging = Path(tempfile.mkdtemp(prefix=".dareg-staging-", dir=out_dir))

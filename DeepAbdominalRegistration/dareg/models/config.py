@@ -95,8 +95,14 @@ class ModelConfig:
             raise DaregError(f"Model config {source}: {error}") from None
 
 
-_FIELD_TYPES = {"preset": str, "normalisation": dict, "design": str, "training": dict, "created": str,
-                "dareg_version": str}
+_FIELD_TYPES = {
+    "preset": str,
+    "normalisation": dict,
+    "design": str,
+    "training": dict,
+    "created": str,
+    "dareg_version": str,
+}
 
 
 def read_config(path: Path) -> ModelConfig:

@@ -39,9 +39,7 @@ def _ranking(root: Path) -> list[str]:
             f"The bundled model index {path} is unreadable ({error}); reinstall dareg."
         ) from None
     if not isinstance(ranking, list) or not all(isinstance(name, str) for name in ranking):
-        raise DaregError(
-            f"The bundled model index {path} must hold a list of model names; reinstall dareg."
-        )
+        raise DaregError(f"The bundled model index {path} must hold a list of model names; reinstall dareg.")
     return ranking
 
 

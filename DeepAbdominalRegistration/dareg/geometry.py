@@ -431,17 +431,22 @@ def compose_displacement_field(
     """
     first, size = field_grid(fixed, grid)
     shape = tuple(int(v) for v in reversed(size))
-    deformable = np.zeros(shape + (3,), dtype=np.float64)
+    matrix = np.asarray(grid.direction, dtype=float).reshape(3, 3) @ np.diag(grid.spacing)
+    origin = np.asarray(grid.origin) + matrix @ first
+    # A(x + d) - x = (M - I) x + t + M d, and x = origin + G (i, j, k): the affine part is affine in the
+    # index, so it is built from three broadcast 1-D ramps, and M d is added on the model grid only.
+    linear = affine.matrix - np.eye(3)
+    per_index = linear @ matrix  # column c: change of the affine part per voxel step along index axis c
+    k, j, i = (np.arange(n, dtype=np.float64) for n in shape)
+    field_array = np.empty(shape + (3,), dtype=np.float64)
+    field_array[...] = linear @ origin + affine.offset
+    field_array += k[:, None, None, None] * per_index[:, 2]
+    field_array += j[None, :, None, None] * per_index[:, 1]
+    field_array += i[None, None, :, None] * per_index[:, 0]
     if displacement_mm is not None:
         z0, y0, x0 = (-first[::-1]).tolist()
         gz, gy, gx = grid.shape
-        deformable[z0 : z0 + gz, y0 : y0 + gy, x0 : x0 + gx] = displacement_mm
-    matrix = np.asarray(grid.direction, dtype=float).reshape(3, 3) @ np.diag(grid.spacing)
-    origin = np.asarray(grid.origin) + matrix @ first
-    k, j, i = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij", sparse=True)
-    points = i[..., None] * matrix[:, 0] + j[..., None] * matrix[:, 1] + k[..., None] * matrix[:, 2] + origin
-    deformable += points  # now x + d(x), in place to keep peak memory at two field-sized arrays
-    field_array = affine.apply(deformable) - points
+        field_array[z0 : z0 + gz, y0 : y0 + gy, x0 : x0 + gx] += displacement_mm @ affine.matrix.T
     field = sitk.GetImageFromArray(field_array, isVector=True)
     field.SetOrigin(tuple(map(float, origin)))
     field.SetSpacing(grid.spacing)

@@ -329,8 +329,8 @@ def _optimise(
     options: RegistrationOptions,
     progress: ProgressCallback | None,
 ) -> np.ndarray:
-    if options.optimize_steps <= 0 and flow is None:
-        return np.zeros(grid.shape + (3,), np.float32)
+    if options.optimize_steps <= 0:
+        return np.zeros(grid.shape + (3,), np.float32) if flow is None else flow * taper[..., None]
     from dareg.optimize import OptimizeSettings, optimize_flow
 
     fixed_labels = moving_labels = None

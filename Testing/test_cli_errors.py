@@ -9,9 +9,10 @@ import sys
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from cli_helpers import Case, folder_listing, write_case
 
 from dareg.cli import ExitCode, main
+
+from cli_helpers import Case, folder_listing, write_case
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,14 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from cli_helpers import FAST_ARGS, write_case
 
 from dareg import io
+from dareg.assessment import worse_warnings
 from dareg.cli import main
 from dareg.phantom import make_phantom, make_synthetic_pair
-from dareg.register import RegistrationOptions, _worse_warnings, register
+from dareg.register import RegistrationOptions, register
 
+from cli_helpers import FAST_ARGS, write_case
 from conftest import rotation_matrix
 
 
@@ -222,12 +223,12 @@ def test_worse_results_become_warnings():
         "landmark_tre": {"mean": 5.0},
         "jacobian": {"fraction_nonpositive": 0.02},
     }
-    warnings = _worse_warnings({"unregistered": block, "registered": worse})
+    warnings = worse_warnings({"unregistered": block, "registered": worse})
     assert len(warnings) == 4
     assert any("NCC" in w for w in warnings) and any("liver" in w for w in warnings)
     assert any("TRE" in w for w in warnings) and any("folds" in w for w in warnings)
     assert (
-        _worse_warnings(
+        worse_warnings(
             {"unregistered": block, "registered": {**block, "jacobian": {"fraction_nonpositive": 0}}}
         )
         == []
@@ -242,5 +243,5 @@ def test_summary_printed_and_progress_lines(tmp_path, capsys):
     progress = [line for line in printed.splitlines() if line.startswith("PROGRESS ")]
     fractions = [float(line.split()[1]) for line in progress]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
-    assert "liver DSC" in printed and "outputs:" in printed and str(out) in printed
+    assert "DSC" in printed and "\nliver " in printed and "outputs:" in printed and str(out) in printed
     assert FAST_ARGS[0] == "--grid"

@@ -6,11 +6,12 @@ import json
 
 import numpy as np
 import pytest
-from cli_helpers import folder_listing, write_case
 
 from dareg.cli import main
 from dareg.geometry import normalisation_config
 from dareg.models import ModelConfig, build_registration_network, save_model
+
+from cli_helpers import folder_listing, write_case
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,13 @@ The moving image is expected to show the same patient; the transform written is 
 transform fixed -> moving (ITK/ANTs/Slicer convention), in LPS millimetres."""
 
 
+EXAMPLE_ANTS = """example:
+  dareg ants --fixed fixed.nii.gz --moving moving.nii.gz \\
+      --fixed-seg fixed_seg.nii.gz --moving-seg moving_seg.nii.gz --liver-label 5 --out result_ants/
+Runs ANTs SyN on the liver ROI (2 mm) from the same initial alignment as 'register' and writes the
+same files (transform.nii.gz, warped images, metrics.json), so both results load and compare alike."""
+
+
 class ExitCode(IntEnum):
     OK = 0
     ERROR = 1
@@ -35,9 +42,8 @@ def _label(value: str) -> int | str:
     return int(value) if value.lstrip("-").isdigit() else value
 
 
-def _add_register_arguments(parser: argparse.ArgumentParser) -> None:
-    from dareg.initialize import INIT_MODES
-
+def _add_input_arguments(parser: argparse.ArgumentParser) -> None:
+    """Inputs, identical for every registration method."""
     inputs = parser.add_argument_group("inputs")
     inputs.add_argument(
         "--fixed", required=True, type=Path, help="fixed CT: NIfTI, NRRD, MHA or a DICOM folder"
@@ -54,7 +60,8 @@ def _add_register_arguments(parser: argparse.ArgumentParser) -> None:
         "--labels",
         type=_label,
         nargs="+",
-        help="label ids/names that guide optimisation and are reported (default: all shared)",
+        help="label ids/names that are reported and, for 'register', guide the optimisation "
+        "(default: all shared)",
     )
     inputs.add_argument(
         "--landmarks-fixed", type=Path, help="fixed landmarks: CSV of LPS mm x,y,z or .mrk.json"
@@ -64,6 +71,28 @@ def _add_register_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="corresponding moving landmarks (same order); with --landmarks-fixed gives TRE",
     )
+
+
+def _add_shared_method_arguments(method: argparse._ArgumentGroup) -> None:
+    """Method settings every registration method has: initial alignment, ROI margin, seed."""
+    from dareg.initialize import INIT_MODES
+
+    method.add_argument("--init", choices=INIT_MODES, default="rigid", help="initial alignment")
+    method.add_argument("--margin", type=float, default=40.0, help="ROI margin around the liver masks (mm)")
+    method.add_argument("--seed", type=int, default=0, help="seed of every random draw")
+
+
+def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, type=Path, help="output folder (created; files replaced)")
+    parser.add_argument(
+        "--progress-lines",
+        action="store_true",
+        help="print 'PROGRESS <fraction> <stage>' lines on stdout (for 3D Slicer)",
+    )
+
+
+def _add_register_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_input_arguments(parser)
     method = parser.add_argument_group("method")
     method.add_argument(
         "--model",
@@ -74,21 +103,40 @@ def _add_register_arguments(parser: argparse.ArgumentParser) -> None:
     method.add_argument(
         "--optimize", type=int, default=50, metavar="N", help="instance-optimisation steps (0 = off)"
     )
-    method.add_argument("--init", choices=INIT_MODES, default="rigid", help="initial alignment")
     method.add_argument(
         "--grid", type=int, default=128, help="model grid size per axis when no model sets it"
     )
-    method.add_argument("--margin", type=float, default=40.0, help="ROI margin around the liver masks (mm)")
     method.add_argument(
         "--device", choices=("auto", "cpu", "gpu"), default="auto", help="where the network runs"
     )
-    method.add_argument("--seed", type=int, default=0, help="seed of every random draw")
-    parser.add_argument("--out", required=True, type=Path, help="output folder (created; files replaced)")
-    parser.add_argument(
-        "--progress-lines",
-        action="store_true",
-        help="print 'PROGRESS <fraction> <stage>' lines on stdout (for 3D Slicer)",
+    _add_shared_method_arguments(method)
+    _add_output_arguments(parser)
+
+
+def _add_ants_arguments(parser: argparse.ArgumentParser) -> None:
+    from dareg.baseline import TRANSFORM_TYPES
+
+    _add_input_arguments(parser)
+    method = parser.add_argument_group("method")
+    method.add_argument(
+        "--transform-type",
+        choices=TRANSFORM_TYPES,
+        default="SyN",
+        help="antspyx transform: SyN (affine + SyN, mutual information), SyNCC (rigid + affine + SyN, "
+        "cross-correlation; much slower), SyNRA (rigid + affine + SyN)",
     )
+    method.add_argument(
+        "--spacing", type=float, default=2.0, help="voxel size (mm) of the ROI images ANTs registers"
+    )
+    method.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="ITK threads for ANTs; 1 gives bit-identical results for the same seed, more are faster "
+        "but vary slightly from run to run",
+    )
+    _add_shared_method_arguments(method)
+    _add_output_arguments(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_register_arguments(register)
+    ants = commands.add_parser(
+        "ants",
+        help="the same registration with ANTs SyN (baseline for comparison; needs antspyx)",
+        epilog=EXAMPLE_ANTS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_ants_arguments(ants)
     demo = commands.add_parser(
         "demo",
         help="generate a phantom pair with a known deformation, register it and report",
@@ -129,6 +184,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from dareg.commands import run_register
 
             run_register(args)
+        elif args.command == "ants":
+            from dareg.commands import run_ants
+
+            run_ants(args)
         else:
             from dareg.commands import run_demo
 

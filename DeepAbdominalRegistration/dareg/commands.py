@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from tqdm import tqdm
 
 from dareg import io, outputs
+from dareg.baseline import AntsOptions, ants_register
 from dareg.errors import DaregError
 from dareg.register import RegistrationOptions, RegistrationResult, register
 
@@ -56,9 +58,39 @@ def _options(args: argparse.Namespace) -> RegistrationOptions:
     )
 
 
+def _ants_options(args: argparse.Namespace) -> AntsOptions:
+    return AntsOptions(
+        transform_type=args.transform_type,
+        init=args.init,
+        spacing_mm=args.spacing,
+        margin_mm=args.margin,
+        liver_label=args.liver_label,
+        labels=tuple(args.labels) if args.labels else None,
+        seed=args.seed,
+        threads=args.threads,
+    )
+
+
 def run_register(args: argparse.Namespace) -> RegistrationResult:
     """Read inputs, check the output folder, register, write everything, print the summary."""
-    options = _options(args)
+    return _run_method(args, "register", _options(args), register)
+
+
+def run_ants(args: argparse.Namespace) -> RegistrationResult:
+    """As :func:`run_register`, with ANTs SyN (:mod:`dareg.baseline`) instead of dareg's pipeline."""
+    return _run_method(args, "ants", _ants_options(args), ants_register)
+
+
+def _run_method(
+    args: argparse.Namespace,
+    command: str,
+    options: RegistrationOptions | AntsOptions,
+    method: Callable[..., RegistrationResult],
+) -> RegistrationResult:
+    """The path every registration command shares: check the output folder, read, run, write, report.
+
+    ``method`` has :func:`dareg.register.register`'s signature; ``options`` is its options object.
+    """
     out_dir = outputs.prepare_output_folder(args.out)
     fixed = io.read_image(args.fixed)
     moving = io.read_image(args.moving)
@@ -73,7 +105,7 @@ def run_register(args: argparse.Namespace) -> RegistrationResult:
         )
     progress = _Progress(args.progress_lines)
     try:
-        result = register(
+        result = method(
             fixed,
             moving,
             fixed_seg,
@@ -86,7 +118,7 @@ def run_register(args: argparse.Namespace) -> RegistrationResult:
     finally:
         progress.close()
     run_info = {
-        "command": "register",
+        "command": command,
         "options": {k: _plain(v) for k, v in vars(options).items()},
         "inputs": {
             k: str(getattr(args, k))
@@ -114,26 +146,35 @@ def _fmt(value, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
+def _triple(blocks: list[dict], value, digits: int) -> str:
+    """One metric for the three stages, as "before  initial  after"."""
+    return " ".join(f"{_fmt(value(b), digits):>6}" for b in blocks)
+
+
 def summary(result: RegistrationResult, files: dict[str, Path]) -> str:
-    """The one-screen summary: metrics before/after, runtimes, warnings, where the outputs are."""
-    stages = ("unregistered", "initial", "registered")
-    blocks = [result.metrics[s] for s in stages]
-    rows = [("NCC", [_fmt(b["ncc"]) for b in blocks]), ("SSIM", [_fmt(b["ssim"]) for b in blocks])]
+    """The one-screen summary: metrics before/after, runtimes, warnings, where the outputs are.
+
+    Each metric shows three numbers: unregistered, after the initial (rigid/affine) transform, registered.
+    """
+    blocks = [result.metrics[s] for s in ("unregistered", "initial", "registered")]
+    rows = [
+        ("NCC", _triple(blocks, lambda b: b["ncc"], 3)),
+        ("SSIM", _triple(blocks, lambda b: b["ssim"], 3)),
+    ]
     if "landmark_tre" in blocks[0]:
-        rows.append(
-            (
-                f"landmark TRE mm (n={blocks[0]['landmark_tre']['n']})",
-                [_fmt(b["landmark_tre"]["mean"], 2) for b in blocks],
-            )
-        )
-    for name in blocks[0].get("labels", {}):
-        values = [b["labels"][name] for b in blocks]
-        rows.append((f"{name} DSC", [_fmt(v["dice"]) for v in values]))
-        rows.append((f"{name} HD95 mm", [_fmt(v["hd95"], 1) for v in values]))
-        rows.append((f"{name} centroid TRE mm", [_fmt(v["centroid_tre"], 2) for v in values]))
-    width = max(len(r[0]) for r in rows) + 2
-    lines = [f"{'':{width}}{'unregistered':>14}{'initial':>10}{'registered':>12}"]
-    lines += [f"{label:{width}}{a:>14}{b:>10}{c:>12}" for label, (a, b, c) in rows]
+        label = f"landmark TRE mm (n={blocks[0]['landmark_tre']['n']})"
+        rows.append((label, _triple(blocks, lambda b: b["landmark_tre"]["mean"], 2)))
+    width = max([len(r[0]) for r in rows] + [len(n) for n in blocks[0].get("labels", {})]) + 2
+    lines = [f"{'':{width}}{'unregistered, initial, registered'}"]
+    lines += [f"{label:{width}}{values}" for label, values in rows]
+    if blocks[0].get("labels"):
+        lines.append(f"{'segment':{width}}{'DSC':<21}{'HD95 mm':<21}centroid TRE mm")
+        for name in blocks[0]["labels"]:
+            cells = [
+                _triple(blocks, lambda b, m=m, n=name: b["labels"][n][m], d)
+                for m, d in (("dice", 3), ("hd95", 1), ("centroid_tre", 2))
+            ]
+            lines.append(f"{name:{width}}" + "".join(f"{c:<21}" for c in cells).rstrip())
     jacobian = result.metrics["registered"].get("jacobian")
     if jacobian:
         lines.append(
@@ -141,7 +182,10 @@ def summary(result: RegistrationResult, files: dict[str, Path]) -> str:
             f"SDlogJ {jacobian['sdlogj']:.3f}"
         )
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items() if k != "total")
-    lines.append(f"time: {result.timings['total']:.1f} s ({timings}); model: {result.model_name}")
+    lines.append(
+        f"time: {result.timings['total']:.1f} s ({timings}); "
+        f"method: {result.method}, model: {result.model_name}"
+    )
     lines += [f"WARNING: {w}" for w in result.warnings]
     lines.append("outputs:")
     lines += [f"  {kind:20} {path}" for kind, path in files.items()]

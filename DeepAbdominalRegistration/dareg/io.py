@@ -315,6 +315,42 @@ class LabelMap:
             f"{available or 'none (empty segmentation)'}. Pass one of these ids or names."
         )
 
+    def with_ids_of(self, reference: LabelMap) -> LabelMap:
+        """This label map renumbered so that segments named as in ``reference`` carry its ids.
+
+        Why: two Slicer segmentations of the same anatomy often store "liver" under different label
+        values; comparing them id by id would pair the wrong segments. Segments are matched by name
+        (case-insensitive); unnamed maps, or names ``reference`` lacks, keep their ids unless that id
+        is taken by a matched segment, in which case they move to the next free id.
+        """
+        if not self.names or not reference.names:
+            return self
+        reference_ids = {name.strip().casefold(): i for i, name in reference.names.items()}
+        mapping = {
+            i: reference_ids[n.strip().casefold()]
+            for i, n in self.names.items()
+            if n.strip().casefold() in reference_ids
+        }
+        taken = set(mapping.values())
+        next_free = max(taken | set(self.label_ids()) | set(reference.label_ids()) | {0}) + 1
+        for label_id in self.label_ids():
+            if label_id not in mapping:
+                if label_id in taken:
+                    mapping[label_id], next_free = next_free, next_free + 1
+                else:
+                    mapping[label_id] = label_id
+                taken.add(mapping[label_id])
+        if all(old == new for old, new in mapping.items()):
+            return self
+        lookup = np.arange(max(max(mapping), 1) + 1, dtype=np.uint16)
+        for old, new in mapping.items():
+            lookup[old] = new
+        array = lookup[sitk.GetArrayViewFromImage(self.image)]
+        image = sitk.GetImageFromArray(array)
+        image.CopyInformation(self.image)
+        names = {mapping.get(i, i): name for i, name in self.names.items()}
+        return LabelMap(image, names)
+
     def mask(self, label_ids: Iterable[int]) -> sitk.Image:
         """Binary ``sitkUInt8`` mask (0/1) of the voxels whose id is in ``label_ids``, same geometry."""
         ids = np.asarray(list(label_ids), dtype=np.int64)

@@ -73,13 +73,14 @@ def write_result(
 def _metrics_document(result: RegistrationResult, run_info: dict, files: dict) -> dict:
     grid = result.grid
     return {
-        "method": "dareg",
+        "method": result.method,
         "model": result.model_name,
         "run": run_info,
         "transform": {
             "file": files["transform"],
             "kind": "displacement field, resampling transform fixed -> moving, LPS mm (ITK convention)",
         },
+        # where the method worked: dareg's model grid, or the ANTs working grid
         "model_grid": {"size_xyz": grid.size, "spacing_mm": grid.spacing, "origin_lps": grid.origin},
         "metrics": result.metrics,
         "timings_s": result.timings,

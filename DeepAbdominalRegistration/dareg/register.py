@@ -9,13 +9,17 @@ Stages (each timed, each reported to ``progress(fraction, stage)``):
 6. instance optimisation (if steps > 0): refine the flow (NCC, + Dice when both segmentations are given);
 7. compose ONE resampling transform fixed -> moving: a displacement field over the whole fixed image;
 8. warp the moving image (linear) and its label map (nearest) at the fixed image's full resolution;
-9. metrics before (unregistered), after the initial transform, and after registration; warnings when
-   registration made similarity or Dice worse or the field folds.
+9. metrics before (unregistered), after the initial transform, and after registration
+   (:mod:`dareg.assessment`); warnings when registration made similarity or Dice worse or the field folds.
+
+Validation (:func:`check_inputs`), stage timing (:class:`StageClock`) and the warp
+(:func:`apply_transform`) are public and the metrics live in :mod:`dareg.assessment`: the ANTs
+baseline (:mod:`dareg.baseline`) runs them unchanged, so both methods validate, time, warp and are
+measured by the same code.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,14 +28,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import SimpleITK as sitk
 
-from dareg import geometry, initialize, metrics
+from dareg import geometry, initialize
+from dareg.assessment import assess
+from dareg.assessment import worse_warnings as _worse_warnings
 from dareg.errors import DaregError
 from dareg.io import LabelMap
 
 ProgressCallback = Callable[[float, str], None]
-
-#: A drop larger than this (NCC or Dice) counts as "registration made it worse".
-_WORSE_TOLERANCE = 0.01
 
 
 @dataclass(frozen=True)
@@ -65,11 +68,13 @@ class RegistrationOptions:
 
 @dataclass
 class RegistrationResult:
-    """Everything a registration produces, in memory (``dareg.cli`` writes it to disk).
+    """Everything a registration produces, in memory (``dareg.outputs`` writes it to disk).
 
     ``field`` is the resampling displacement field fixed -> moving (LPS mm) over the whole fixed
     image, ``transform`` the same as a SimpleITK transform; ``metrics`` holds "unregistered",
-    "initial" and "registered" blocks, ``warnings`` what went worse.
+    "initial" and "registered" blocks, ``warnings`` what went worse. ``grid`` is where the method
+    worked (the model grid; ANTs' working grid), ``method`` which method made the result ("dareg",
+    "ants-SyN", ...) and ``model_name`` what exactly ran (a model design, "none", an ANTs version).
     """
 
     field: sitk.Image
@@ -82,12 +87,16 @@ class RegistrationResult:
     warnings: list[str]
     grid: geometry.ModelGrid
     model_name: str
+    method: str = "dareg"
 
 
 @dataclass
-class _Clock:
+class StageClock:
+    """Times named stages (``timings`` in seconds, plus "total") and reports each start to ``progress``."""
+
     progress: ProgressCallback | None
     timings: dict[str, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
 
     @contextmanager
     def stage(self, name: str, fraction: float) -> Iterator[None]:
@@ -96,6 +105,13 @@ class _Clock:
         start = time.perf_counter()
         yield
         self.timings[name] = round(time.perf_counter() - start, 3)
+
+    def finish(self) -> dict[str, float]:
+        """Record the total time, report completion; returns the timings."""
+        self.timings["total"] = round(time.perf_counter() - self.started, 3)
+        if self.progress is not None:
+            self.progress(1.0, "done")
+        return self.timings
 
 
 def register(
@@ -118,19 +134,18 @@ def register(
         fixed_landmarks, moving_landmarks: (N, 3) LPS mm; fixed ones are mapped into moving space,
             with both the landmark TRE is reported.
     """
-    clock = _Clock(progress)
-    start = time.perf_counter()
+    clock = StageClock(progress)
     with clock.stage("validate", 0.0):
-        _check_overlap(fixed, moving)
-        fixed_mask = _liver_mask(fixed_seg, options.liver_label, "fixed") if fixed_seg else None
-        moving_mask = _liver_mask(moving_seg, options.liver_label, "moving") if moving_seg else None
-        label_ids = _guided_labels(fixed_seg, moving_seg, options)
+        checked = check_inputs(
+            fixed, moving, fixed_seg, moving_seg, liver_label=options.liver_label, labels=options.labels
+        )
+        moving_seg = checked.moving_seg
     with clock.stage("initialise", 0.05):
         affine = initialize.initial_transform(
             fixed,
             moving,
-            fixed_mask=fixed_mask,
-            moving_mask=moving_mask,
+            fixed_mask=checked.fixed_mask,
+            moving_mask=checked.moving_mask,
             mode=options.init,
             seed=options.seed,
         )
@@ -140,8 +155,8 @@ def register(
     with clock.stage("model grid", 0.15):
         lower, upper = geometry.roi_index_box(
             fixed,
-            fixed_mask=fixed_mask,
-            moving_mask=moving_mask,
+            fixed_mask=checked.fixed_mask,
+            moving_mask=checked.moving_mask,
             moving_to_fixed=affine.inverse_sitk(),
             margin_mm=options.margin_mm,
         )
@@ -166,7 +181,7 @@ def register(
             moving,
             fixed_seg,
             moving_seg,
-            label_ids,
+            checked.label_ids,
             grid,
             affine,
             fixed_grid,
@@ -182,39 +197,23 @@ def register(
         )
         transform = geometry.displacement_field_transform(field_image)
     with clock.stage("warp", 0.85):
-        warped_image = _like_input_pixels(
-            geometry.resample_to_reference(moving, fixed, transform=transform, default_value=-1024.0), moving
+        warped_image, warped_labels, mapped = apply_transform(
+            transform, fixed, moving, moving_seg, fixed_landmarks
         )
-        warped_labels = None
-        if moving_seg is not None:
-            warped_labels = LabelMap(
-                geometry.resample_to_reference(
-                    moving_seg.image, fixed, transform=transform, interpolation="nearest"
-                ),
-                dict(moving_seg.names),
-            )
-        mapped = None
-        if fixed_landmarks is not None:
-            mapped = np.array([transform.TransformPoint(tuple(map(float, p))) for p in fixed_landmarks])
     with clock.stage("metrics", 0.9):
-        report = _evaluate(
+        report = assess(
             fixed,
             moving,
             fixed_seg,
             moving_seg,
-            label_ids,
-            affine,
-            transform,
-            field_image,
-            grid,
-            lower,
-            upper,
-            fixed_landmarks,
-            moving_landmarks,
+            checked.label_ids,
+            initial=affine.to_sitk(),
+            final=transform,
+            field=field_image,
+            roi_box=(lower, upper),
+            fixed_landmarks=fixed_landmarks,
+            moving_landmarks=moving_landmarks,
         )
-    clock.timings["total"] = round(time.perf_counter() - start, 3)
-    if progress is not None:
-        progress(1.0, "done")
     return RegistrationResult(
         field=field_image,
         transform=transform,
@@ -222,7 +221,7 @@ def register(
         warped_labels=warped_labels,
         mapped_landmarks=mapped,
         metrics=report,
-        timings=clock.timings,
+        timings=clock.finish(),
         warnings=_worse_warnings(report),
         grid=grid,
         model_name=loaded.config.design if loaded is not None else "none",
@@ -232,6 +231,42 @@ def register(
 # --------------------------------------------------------------------------------------------------
 # validation
 # --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckedInputs:
+    """What :func:`check_inputs` found: liver masks (0/1, on their images' grids), the labels to use and
+    the moving label map renumbered so that segments of the same name share the fixed map's ids."""
+
+    fixed_mask: sitk.Image | None
+    moving_mask: sitk.Image | None
+    label_ids: list[int]
+    moving_seg: LabelMap | None
+
+
+def check_inputs(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    fixed_seg: LabelMap | None,
+    moving_seg: LabelMap | None,
+    *,
+    liver_label: int | str,
+    labels: tuple[int | str, ...] | None,
+) -> CheckedInputs:
+    """Refuse inputs no method can register (:class:`DaregError` saying what to do); extract the masks.
+
+    ``labels`` are the ids/names to guide and report (None = all labels present in both
+    segmentations); the liver label is always among them.
+    """
+    _check_overlap(fixed, moving)
+    if fixed_seg is not None and moving_seg is not None:
+        moving_seg = moving_seg.with_ids_of(fixed_seg)  # pair segments by name, not by label value
+    return CheckedInputs(
+        fixed_mask=_liver_mask(fixed_seg, liver_label, "fixed") if fixed_seg else None,
+        moving_mask=_liver_mask(moving_seg, liver_label, "moving") if moving_seg else None,
+        label_ids=_guided_labels(fixed_seg, moving_seg, labels, liver_label),
+        moving_seg=moving_seg,
+    )
 
 
 def _check_overlap(fixed: sitk.Image, moving: sitk.Image) -> None:
@@ -271,15 +306,52 @@ def _describe(seg: LabelMap) -> str:
     return ", ".join(f"{i} ({seg.names[i]})" if i in seg.names else str(i) for i in seg.label_ids())
 
 
-def _guided_labels(fixed_seg, moving_seg, options: RegistrationOptions) -> list[int]:
+def _guided_labels(
+    fixed_seg: LabelMap | None,
+    moving_seg: LabelMap | None,
+    labels: tuple[int | str, ...] | None,
+    liver_label: int | str,
+) -> list[int]:
     """Label ids shared by both segmentations that guide optimisation and are reported."""
     if fixed_seg is None or moving_seg is None:
         return []
-    if options.labels is not None:
-        return sorted(
-            {fixed_seg.resolve(label) for label in options.labels} | {fixed_seg.resolve(options.liver_label)}
-        )
+    if labels is not None:
+        return sorted({fixed_seg.resolve(label) for label in labels} | {fixed_seg.resolve(liver_label)})
     return sorted(set(fixed_seg.label_ids()) & set(moving_seg.label_ids()))
+
+
+# --------------------------------------------------------------------------------------------------
+# outputs of a transform
+# --------------------------------------------------------------------------------------------------
+
+
+def apply_transform(
+    transform: sitk.Transform,
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    moving_seg: LabelMap | None,
+    fixed_landmarks: np.ndarray | None,
+) -> tuple[sitk.Image, LabelMap | None, np.ndarray | None]:
+    """(warped moving CT, warped labels, fixed landmarks mapped into moving space) through ``transform``.
+
+    Both are resampled at the fixed image's full resolution: the CT linearly (integer CT stays
+    integer), the labels with nearest neighbour so ids and names survive.
+    """
+    warped_image = _like_input_pixels(
+        geometry.resample_to_reference(moving, fixed, transform=transform, default_value=-1024.0), moving
+    )
+    warped_labels = None
+    if moving_seg is not None:
+        warped_labels = LabelMap(
+            geometry.resample_to_reference(
+                moving_seg.image, fixed, transform=transform, interpolation="nearest"
+            ),
+            dict(moving_seg.names),
+        )
+    mapped = None
+    if fixed_landmarks is not None:
+        mapped = np.array([transform.TransformPoint(tuple(map(float, p))) for p in fixed_landmarks])
+    return warped_image, warped_labels, mapped
 
 
 # --------------------------------------------------------------------------------------------------
@@ -288,12 +360,14 @@ def _guided_labels(fixed_seg, moving_seg, options: RegistrationOptions) -> list[
 
 
 def _load_model(options: RegistrationOptions):
-    if options.model == "none":
-        return None
-    from dareg.models import modelio, registry  # TensorFlow loads only when a model is used
+    from dareg.models import registry  # TensorFlow-free: resolving "default" to "none" costs nothing
 
     path = registry.resolve_model(options.model)
-    return modelio.load_model(path) if path is not None else None
+    if path is None:
+        return None
+    from dareg.models import modelio  # TensorFlow loads only when a model is actually used
+
+    return modelio.load_model(path)
 
 
 def _predict(loaded, fixed_grid: np.ndarray, moving_grid: np.ndarray, device: str) -> np.ndarray:
@@ -355,101 +429,6 @@ def _optimise(
     )
 
 
-# --------------------------------------------------------------------------------------------------
-# metrics and warnings
-# --------------------------------------------------------------------------------------------------
-
-
-#: A label is reported when at least this fraction of its fixed voxels lies in the ROI box.
-_INSIDE_ROI = 0.95
-
-
-def _evaluate(
-    fixed,
-    moving,
-    fixed_seg,
-    moving_seg,
-    label_ids,
-    affine,
-    transform,
-    field_image,
-    grid,
-    lower,
-    upper,
-    fixed_landmarks,
-    moving_landmarks,
-) -> dict:
-    """Metrics for three transforms: none ("unregistered"), initial, final ("registered").
-
-    Label metrics are measured on the ROI box of the fixed image at full resolution: what the
-    registration was asked to align, and affordable for a 512 x 512 x 300 CT. Labels reach into the
-    report only if they lie (almost) wholly in the box, since a structure cut by the box would have a
-    cut centroid; the others are listed under "labels_outside_roi".
-    """
-    start = np.floor(lower).astype(int).tolist()
-    size = (np.ceil(upper).astype(int) - np.floor(lower).astype(int) + 1).tolist()
-    grid_on_field = sitk.Resample(
-        grid.reference_image() + 1, field_image, sitk.Transform(), sitk.sitkNearestNeighbor, 0
-    )
-    fixed_labels = moving_labels = None
-    names, outside = {}, []
-    if label_ids:
-        fixed_labels_roi = sitk.RegionOfInterest(fixed_seg.image, size, start)
-        inside = _fraction_inside(fixed_seg.image, fixed_labels_roi, label_ids)
-        outside = [fixed_seg.names.get(i, str(i)) for i in label_ids if inside[i] < _INSIDE_ROI]
-        reported = [i for i in label_ids if inside[i] >= _INSIDE_ROI]
-        if reported:
-            fixed_labels = _keep_labels(fixed_labels_roi, reported)
-            moving_labels = _keep_labels(moving_seg.image, reported)
-            names = {i: fixed_seg.names.get(i, moving_seg.names.get(i, str(i))) for i in reported}
-    stages = {
-        "unregistered": sitk.Transform(3, sitk.sitkIdentity),
-        "initial": affine.to_sitk(),
-        "registered": transform,
-    }
-    has_points = fixed_landmarks is not None and moving_landmarks is not None
-    fixed_on_grid = geometry.resample_to_reference(fixed, grid.reference_image(sitk.sitkFloat32))
-    report = {}
-    for stage, stage_transform in stages.items():
-        # NCC and SSIM on the model grid (the ROI at about 2 mm): at full resolution SSIM alone would
-        # take ~20 s for a 512 x 512 x 300 CT, and intensity similarity needs no finer sampling.
-        block = metrics.registration_metrics(
-            fixed_image=fixed_on_grid,
-            warped_image=geometry.resample_to_reference(
-                moving, fixed_on_grid, transform=stage_transform, default_value=-1024.0
-            ),
-            transform=stage_transform,
-            fixed_points=fixed_landmarks if has_points else None,
-            moving_points=moving_landmarks if has_points else None,
-        )
-        if fixed_labels is not None:
-            block.update(
-                metrics.registration_metrics(
-                    fixed_image=fixed_labels,
-                    warped_image=None,
-                    fixed_labels=fixed_labels,
-                    warped_labels=geometry.resample_to_reference(
-                        moving_labels, fixed_labels, transform=stage_transform, interpolation="nearest"
-                    ),
-                    moving_labels=moving_labels,
-                    transform=stage_transform,
-                    label_names=names,
-                )
-            )
-        if outside:
-            block["labels_outside_roi"] = outside
-        report[stage] = block
-    report["registered"]["jacobian"] = metrics.jacobian_stats(field_image, mask=grid_on_field)
-    return report
-
-
-def _fraction_inside(labels: sitk.Image, labels_roi: sitk.Image, label_ids: list[int]) -> dict[int, float]:
-    """Per label: voxels in the ROI crop / voxels in the whole image."""
-    total = np.bincount(sitk.GetArrayViewFromImage(labels).ravel(), minlength=max(label_ids) + 1)
-    inside = np.bincount(sitk.GetArrayViewFromImage(labels_roi).ravel(), minlength=max(label_ids) + 1)
-    return {i: float(inside[i]) / max(float(total[i]), 1.0) for i in label_ids}
-
-
 def _like_input_pixels(warped: sitk.Image, moving: sitk.Image) -> sitk.Image:
     """Integer CT in, integer CT out: rounded int16 when the moving image holds whole numbers in range.
 
@@ -459,33 +438,3 @@ def _like_input_pixels(warped: sitk.Image, moving: sitk.Image) -> sitk.Image:
     if values.min() < -32768 or values.max() > 32767 or not np.array_equal(values, np.round(values)):
         return warped
     return sitk.Cast(sitk.Round(warped), sitk.sitkInt16)
-
-
-def _keep_labels(labels: sitk.Image, label_ids: list[int]) -> sitk.Image:
-    array = sitk.GetArrayFromImage(labels)
-    kept = sitk.GetImageFromArray(np.where(np.isin(array, label_ids), array, 0).astype(array.dtype))
-    kept.CopyInformation(labels)
-    return kept
-
-
-def _worse_warnings(report: dict) -> list[str]:
-    """Human-readable warnings when registration made things worse than doing nothing."""
-    before, after = report["unregistered"], report["registered"]
-    warnings = []
-    if after["ncc"] < before["ncc"] - _WORSE_TOLERANCE:
-        warnings.append(f"image similarity dropped: NCC {before['ncc']:.3f} -> {after['ncc']:.3f}")
-    for name, values in after.get("labels", {}).items():
-        was, now = before["labels"][name].get("dice", math.nan), values.get("dice", math.nan)
-        if not math.isnan(was) and not math.isnan(now) and now < was - _WORSE_TOLERANCE:
-            warnings.append(f"Dice of {name} dropped: {was:.3f} -> {now:.3f}")
-    if "landmark_tre" in after and after["landmark_tre"]["mean"] > before["landmark_tre"]["mean"]:
-        warnings.append(
-            f"landmark TRE grew: {before['landmark_tre']['mean']:.2f} -> "
-            f"{after['landmark_tre']['mean']:.2f} mm"
-        )
-    folding = after.get("jacobian", {}).get("fraction_nonpositive", 0.0)
-    if folding > 0:
-        warnings.append(
-            f"the transform folds: {100 * folding:.2g}% of the ROI's voxels have a Jacobian determinant <= 0"
-        )
-    return warnings

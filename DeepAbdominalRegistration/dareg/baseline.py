@@ -51,10 +51,16 @@ import numpy as np
 import SimpleITK as sitk
 
 from dareg import geometry, initialize
-from dareg.assessment import assess, worse_warnings
 from dareg.errors import DaregError
 from dareg.io import LabelMap
-from dareg.register import ProgressCallback, RegistrationResult, StageClock, apply_transform, check_inputs
+from dareg.register import (
+    Pair,
+    ProgressCallback,
+    RegistrationResult,
+    StageClock,
+    check_inputs,
+    finish_registration,
+)
 
 #: antspyx's transform types offered: SyN (affine + SyN, mutual information), SyNCC (rigid + affine +
 #: SyN with cross-correlation, much slower), SyNRA (rigid + affine + SyN, mutual information).
@@ -170,40 +176,15 @@ def ants_register(
             _working_image(fixed, grid), _working_image(moving, moving_grid), start, options, folder
         )
         linear, syn_field = read_composite(composite)
-    with clock.stage("compose transform", 0.8):
-        displacement = geometry.resample_to_reference(syn_field, grid.reference_image())
-        field_image = geometry.compose_displacement_field(
-            fixed, grid, linear, sitk.GetArrayFromImage(displacement)
-        )
-        transform = geometry.displacement_field_transform(field_image)
-    with clock.stage("warp", 0.85):
-        warped_image, warped_labels, mapped = apply_transform(
-            transform, fixed, moving, moving_seg, fixed_landmarks
-        )
-    with clock.stage("metrics", 0.9):
-        report = assess(
-            fixed,
-            moving,
-            fixed_seg,
-            moving_seg,
-            checked.label_ids,
-            initial=linear.to_sitk(),
-            final=transform,
-            field=field_image,
-            roi_box=(lower, upper),
-            fixed_landmarks=fixed_landmarks,
-            moving_landmarks=moving_landmarks,
-        )
-    return RegistrationResult(
-        field=field_image,
-        transform=transform,
-        warped_image=warped_image,
-        warped_labels=warped_labels,
-        mapped_landmarks=mapped,
-        metrics=report,
-        timings=clock.finish(),
-        warnings=worse_warnings(report),
+    displacement = geometry.resample_to_reference(syn_field, grid.reference_image())
+    return finish_registration(
+        clock,
+        Pair(fixed, moving, fixed_seg, moving_seg, fixed_landmarks, moving_landmarks),
+        checked.label_ids,
         grid=grid,
+        roi_box=(lower, upper),
+        affine=linear,
+        displacement_mm=sitk.GetArrayFromImage(displacement),
         model_name=f"antspyx {importlib.metadata.version('antspyx')}",
         method=f"ants-{options.transform_type}",
     )

@@ -29,8 +29,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from dareg import geometry, initialize
-from dareg.assessment import assess
-from dareg.assessment import worse_warnings as _worse_warnings
+from dareg.assessment import assess, worse_warnings
 from dareg.errors import DaregError
 from dareg.io import LabelMap
 
@@ -191,28 +190,73 @@ def register(
             options,
             progress,
         )
+    return finish_registration(
+        clock,
+        Pair(fixed, moving, fixed_seg, moving_seg, fixed_landmarks, moving_landmarks),
+        checked.label_ids,
+        grid=grid,
+        roi_box=(lower, upper),
+        affine=affine,
+        displacement_mm=geometry.flow_to_displacement_mm(flow, grid),
+        model_name=loaded.config.design if loaded is not None else "none",
+        method="dareg",
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pair:
+    """The inputs every method registers and is measured on (segmentations/landmarks optional)."""
+
+    fixed: sitk.Image
+    moving: sitk.Image
+    fixed_seg: LabelMap | None
+    moving_seg: LabelMap | None
+    fixed_landmarks: np.ndarray | None
+    moving_landmarks: np.ndarray | None
+
+
+def finish_registration(
+    clock: StageClock,
+    pair: Pair,
+    label_ids: list[int],
+    *,
+    grid: geometry.ModelGrid,
+    roi_box: tuple[np.ndarray, np.ndarray],
+    affine: geometry.AffineMap,
+    displacement_mm: np.ndarray,
+    model_name: str,
+    method: str,
+) -> RegistrationResult:
+    """The common end of every method: ONE field T(x) = A(x + d(x)), full-resolution warps, assessment.
+
+    Sharing it is what makes the deep and the ANTs results comparable: same field format, same warps,
+    same metrics and warnings.
+    """
     with clock.stage("compose transform", 0.8):
-        field_image = geometry.compose_displacement_field(
-            fixed, grid, affine, geometry.flow_to_displacement_mm(flow, grid)
-        )
+        field_image = geometry.compose_displacement_field(pair.fixed, grid, affine, displacement_mm)
         transform = geometry.displacement_field_transform(field_image)
     with clock.stage("warp", 0.85):
         warped_image, warped_labels, mapped = apply_transform(
-            transform, fixed, moving, moving_seg, fixed_landmarks
+            transform, pair.fixed, pair.moving, pair.moving_seg, pair.fixed_landmarks
         )
     with clock.stage("metrics", 0.9):
         report = assess(
-            fixed,
-            moving,
-            fixed_seg,
-            moving_seg,
-            checked.label_ids,
+            pair.fixed,
+            pair.moving,
+            pair.fixed_seg,
+            pair.moving_seg,
+            label_ids,
             initial=affine.to_sitk(),
             final=transform,
             field=field_image,
-            roi_box=(lower, upper),
-            fixed_landmarks=fixed_landmarks,
-            moving_landmarks=moving_landmarks,
+            roi_box=roi_box,
+            fixed_landmarks=pair.fixed_landmarks,
+            moving_landmarks=pair.moving_landmarks,
         )
     return RegistrationResult(
         field=field_image,
@@ -222,15 +266,11 @@ def register(
         mapped_landmarks=mapped,
         metrics=report,
         timings=clock.finish(),
-        warnings=_worse_warnings(report),
+        warnings=worse_warnings(report),
         grid=grid,
-        model_name=loaded.config.design if loaded is not None else "none",
+        model_name=model_name,
+        method=method,
     )
-
-
-# --------------------------------------------------------------------------------------------------
-# validation
-# --------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)

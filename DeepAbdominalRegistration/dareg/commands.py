@@ -175,6 +175,9 @@ def summary(result: RegistrationResult, files: dict[str, Path]) -> str:
                 for m, d in (("dice", 3), ("hd95", 1), ("centroid_tre", 2))
             ]
             lines.append(f"{name:{width}}" + "".join(f"{c:<21}" for c in cells).rstrip())
+    outside = blocks[-1].get("labels_outside_roi")
+    if outside:
+        lines.append(f"not scored (mostly outside the ROI): {', '.join(outside)}")
     jacobian = result.metrics["registered"].get("jacobian")
     if jacobian:
         lines.append(
@@ -190,6 +193,42 @@ def summary(result: RegistrationResult, files: dict[str, Path]) -> str:
     lines.append("outputs:")
     lines += [f"  {kind:20} {path}" for kind, path in files.items()]
     return "\n".join(lines)
+
+
+def run_prepare(args: argparse.Namespace) -> None:
+    """Prepare a training dataset; a tqdm bar per subject, skipped subjects reported as they happen."""
+    from dareg.training import dataset
+
+    options = dataset.PrepareOptions(
+        grid_shape=(args.grid,) * 3,
+        margin_mm=args.margin,
+        liver_label=args.liver_label,
+        label_mapping=dataset.load_label_mapping(args.label_map),
+    )
+    bar = tqdm(unit="subject", file=sys.stderr, disable=None)
+
+    def report(done: int, total: int, subject_id: str, reason: str | None) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+        if reason:
+            tqdm.write(f"skipped {subject_id}: {reason}", file=sys.stderr)
+
+    try:
+        prepared = dataset.prepare_dataset(
+            args.inputs,
+            args.out,
+            options=options,
+            seed=args.seed,
+            val_fraction=args.val_fraction,
+            test_fraction=args.test_fraction,
+            progress=report,
+        )
+    finally:
+        bar.close()
+    counts = ", ".join(f"{key} {len(ids)}" for key, ids in prepared.split.items())
+    skipped = f"; {len(prepared.skipped)} skipped (see {dataset.SKIPPED_FILE})" if prepared.skipped else ""
+    total = sum(map(len, prepared.split.values()))
+    print(f"Prepared {total} subjects in {prepared.dataset_dir} ({counts}){skipped}.")
 
 
 def run_demo(args: argparse.Namespace) -> RegistrationResult:

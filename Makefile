@@ -20,6 +20,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_register.py
+	$(BIN)/python benchmarks/bench_training.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check DeepAbdominalRegistration Testing benchmarks scripts

@@ -30,6 +30,20 @@ Runs ANTs SyN on the liver ROI (2 mm) from the same initial alignment as 'regist
 same files (transform.nii.gz, warped images, metrics.json), so both results load and compare alike."""
 
 
+EXAMPLE_PREPARE = """example:
+  dareg prepare --inputs ct_folder/ --out dataset/ --grid 128 --label-map totalsegmentator
+A folder pairs A.nii.gz (or a DICOM folder A/) with A_seg.nii.gz, A_labels.nrrd or A.seg.nrrd; a CSV has
+the columns image, labels (and optionally id), paths relative to the CSV. Writes one <id>.h5 per usable
+subject, split.json (seeded train/val/test) and skipped.csv (subjects left out, and why)."""
+
+
+EXAMPLE_TRAIN = """example:
+  dareg train --config scripts/configs/UW-NSD.yaml --dataset dataset/ --out runs/uw_nsd
+  dareg train --config scripts/configs/UW-NSD.yaml --dataset dataset/ --out runs/uw_nsd --resume
+Writes the best model on validation to OUT/model (use it as 'dareg register --model OUT/model'),
+checkpoints after every epoch (--resume continues from the last one), TensorBoard logs in OUT/logs."""
+
+
 class ExitCode(IntEnum):
     OK = 0
     ERROR = 1
@@ -139,6 +153,53 @@ def _add_ants_arguments(parser: argparse.ArgumentParser) -> None:
     _add_output_arguments(parser)
 
 
+def _add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--inputs", required=True, nargs="+", type=Path, help="folders of image + label pairs, or CSV lists"
+    )
+    parser.add_argument(
+        "--out", required=True, type=Path, help="dataset folder (created; subject files replaced)"
+    )
+    parser.add_argument(
+        "--grid", type=int, default=128, help="model grid size per axis (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--margin", type=float, default=40.0, help="ROI margin around the liver, mm (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--label-map",
+        default="totalsegmentator",
+        help="training labels: totalsegmentator (5 -> 1 parenchyma; 63, 64 -> 2 vessels), phantom, identity, "
+        "or a YAML file (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--liver-label",
+        type=_label,
+        default=5,
+        help="liver id or segment name in the source label maps; places the ROI (default: %(default)s)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split (default: %(default)s)")
+    parser.add_argument(
+        "--val-fraction", type=float, default=0.1, help="validation share (default: %(default)s)"
+    )
+    parser.add_argument("--test-fraction", type=float, default=0.1, help="test share (default: %(default)s)")
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, type=Path, help="training config (YAML, one design)")
+    parser.add_argument("--out", type=Path, help="run folder (default: the config's output)")
+    parser.add_argument("--dataset", type=Path, help="prepared dataset folder (overrides data.dataset)")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
+    )
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        metavar="MODEL",
+        help="transfer learning: start from this model folder (overrides transfer.init_from)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dareg", description="Deep abdominal CT deformable registration.")
     parser.add_argument("--version", action="version", version=f"dareg {__version__}")
@@ -158,6 +219,20 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_ants_arguments(ants)
+    prepare = commands.add_parser(
+        "prepare",
+        help="build a training dataset (one HDF5 file per subject on the model grid, and a split)",
+        epilog=EXAMPLE_PREPARE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_prepare_arguments(prepare)
+    train = commands.add_parser(
+        "train",
+        help="train a registration network (one of the six DDMR designs) from a config",
+        epilog=EXAMPLE_TRAIN,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_train_arguments(train)
     demo = commands.add_parser(
         "demo",
         help="generate a phantom pair with a known deformation, register it and report",
@@ -188,6 +263,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from dareg.commands import run_ants
 
             run_ants(args)
+        elif args.command == "prepare":
+            from dareg.commands import run_prepare
+
+            run_prepare(args)
+        elif args.command == "train":
+            from dareg.commands import run_train
+
+            run_train(args)
         else:
             from dareg.commands import run_demo
 
@@ -196,7 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dareg: error: {error}", file=sys.stderr)
         return ExitCode.USER_ERROR
     except KeyboardInterrupt:
-        print("dareg: cancelled; no outputs were written.", file=sys.stderr)
+        if args.command != "train":  # training says itself how to resume from its checkpoints
+            print("dareg: cancelled; no outputs were written.", file=sys.stderr)
         return ExitCode.CANCELLED
     return ExitCode.OK
 

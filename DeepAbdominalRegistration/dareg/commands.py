@@ -277,3 +277,45 @@ def run_demo(args: argparse.Namespace) -> RegistrationResult:
         f"Outputs in {out_dir.resolve()}"
     )
     return result
+
+
+def run_train(args: argparse.Namespace):
+    """Check the config (with the command line's overrides), train, and say where the model is.
+
+    The config is read and checked before TensorFlow is imported, so a bad one fails at once.
+    """
+    from dareg.training.config import load_config
+
+    overrides: dict = {}
+    if args.dataset is not None:
+        overrides["data"] = {"dataset": str(args.dataset)}
+    if args.init_from is not None:
+        overrides["transfer"] = {"init_from": str(args.init_from)}
+    config = load_config(args.config, overrides)
+    from dareg.training.trainer import train
+
+    epochs = config.training.epochs
+
+    def report(record: dict) -> None:
+        validation = record["validation"]
+        train_loss = record["train"].get("loss")
+        trained = f"train {train_loss:.4f}  " if train_loss is not None else ""
+        print(
+            f"epoch {record['epoch']}/{epochs}  {trained}validation {validation['loss']:.4f}  "
+            f"lr {record['learning_rate']:.1e}  ({record['seconds']:.1f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    try:
+        result = train(config, args.out, resume=args.resume, on_epoch=report)
+    except KeyboardInterrupt:
+        print("dareg: training interrupted; continue it with the same command and --resume.", file=sys.stderr)
+        raise
+    ending = "stopped early" if result.stopped_early else "finished"
+    print(
+        f"Training {ending} after {result.epochs} epochs. Best model (epoch {result.best_epoch}, validation "
+        f"loss {result.best_validation_loss:.4f}): {result.model_dir}\n"
+        f"Use it with: dareg register --model {result.model_dir} ..."
+    )
+    return result

@@ -165,7 +165,9 @@ def register(
             if loaded
             else geometry.CT_WINDOW_HU
         )
-        fixed_grid = geometry.normalize_ct(geometry.resample_to_grid(fixed, grid), window)
+        fixed_grid = geometry.normalize_ct(
+            geometry.resample_to_grid(fixed, grid, default_value=-1024.0), window
+        )
         moving_grid = geometry.normalize_ct(
             geometry.resample_to_grid(moving, grid, transform=affine.to_sitk(), default_value=-1024.0), window
         )

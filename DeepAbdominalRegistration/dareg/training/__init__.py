@@ -10,8 +10,11 @@ Modules (one concern each; import them directly, this package imports nothing):
                     rigid + thin-plate-spline transform, the moving image is the input itself, so the
                     ground-truth flow is exact (warp(moving, flow) == fixed)
 
-Still to come (training backend issue): ``designs`` (BL-N ... UW-NSDH configs), ``trainer`` (accumulation,
-plateau LR, checkpoints, resume, transfer learning, tf.distribute) and ``dataset`` (``dareg prepare``).
+- ``config``        strict YAML training configs (unknown keys are errors), scripts/configs/*.yaml
+- ``designs``       the six loss designs of the paper (BL-N, BL-NS, SG-ND, SG-NSD, UW-NSD, UW-NSDH)
+- ``trainer``       the training loop: gradient accumulation, plateau LR, early stopping, checkpoints and
+                    resume, TensorBoard, transfer learning, tf.distribute
+- ``dataset``       ``dareg prepare``: subjects on the model grid in HDF5, the seeded split, streaming
 
 The DDMR original's quirks (uncentred NCC, zero-gradient Hausdorff, decaying regulariser weight...) are
 reproducible through named options, documented where they apply; the defaults do what the paper intends.

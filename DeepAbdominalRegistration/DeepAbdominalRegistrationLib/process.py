@@ -131,6 +131,17 @@ def _descendants(pid: int) -> list:
         return []
 
 
+def poll_until_finished(poll: Callable[[], ProcessStatus], timeout_s: float | None = None) -> ProcessStatus:
+    """Call ``poll`` until it no longer reports RUNNING (or ``timeout_s`` passed): the blocking way to
+    wait (scripts, tests, ``waitForCompletion``) for something the GUI polls from a timer instead."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    status = poll()
+    while status == ProcessStatus.RUNNING and (deadline is None or time.monotonic() <= deadline):
+        time.sleep(_POLL_INTERVAL_S)
+        status = poll()
+    return status
+
+
 def kill_process_tree(process: subprocess.Popen) -> None:
     """Kill ``process`` and all its descendants at once (no graceful shutdown: outputs are discarded).
 
@@ -248,12 +259,7 @@ class BackgroundProcess:
 
     def wait(self, timeout_s: float | None = None) -> ProcessStatus:
         """Poll until the process is finished (or ``timeout_s`` passed); for scripts and tests."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while self.poll() == ProcessStatus.RUNNING:
-            if deadline is not None and time.monotonic() > deadline:
-                break
-            time.sleep(_POLL_INTERVAL_S)
-        return self.status
+        return poll_until_finished(self.poll, timeout_s)
 
     def cancel(self) -> None:
         """Kill the whole process tree; the status becomes CANCELLED (no-op once finished)."""

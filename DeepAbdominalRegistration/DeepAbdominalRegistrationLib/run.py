@@ -29,7 +29,13 @@ from pathlib import Path
 import slicer
 
 from . import exchange, results
-from .process import BackgroundProcess, ProcessStatus, process_environment, python_executable
+from .process import (
+    BackgroundProcess,
+    ProcessStatus,
+    poll_until_finished,
+    process_environment,
+    python_executable,
+)
 from .request import CREATED_BY_ATTRIBUTE, RegistrationRequest, validate
 
 #: File names of a dareg result folder (``dareg.outputs``; a test keeps them equal).
@@ -40,7 +46,6 @@ METRICS_FILE = "metrics.json"
 
 #: Share of the progress bar taken by the deep registration when SyN runs after it.
 _DEEP_SHARE_WITH_SYN = 0.4
-_POLL_INTERVAL_S = 0.05
 
 ProgressCallback = Callable[[float, str], None]
 LogCallback = Callable[[str], None]
@@ -293,12 +298,7 @@ class RegistrationRun:
 
     def wait(self, timeout_s: float | None = None) -> ProcessStatus:
         """Poll until the run finished (or ``timeout_s`` passed)."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while self.poll() == ProcessStatus.RUNNING:
-            if deadline is not None and time.monotonic() > deadline:
-                break
-            time.sleep(_POLL_INTERVAL_S)
-        return self.status
+        return poll_until_finished(self.poll, timeout_s)
 
     def cancel(self) -> None:
         """Kill the running process tree; the scene stays as it was and the temporary folder goes."""

@@ -177,20 +177,12 @@ def register(
             flow = _predict(loaded, fixed_grid, moving_grid, options.device)
     taper = geometry.taper_weights(grid, width_mm=min(options.margin_mm, 20.0))
     with clock.stage("instance optimisation", 0.35):
+        fixed_labels = moving_labels = None
+        if checked.label_ids and options.optimize_steps > 0:
+            fixed_labels = _labels_on_grid(fixed_seg, checked.label_ids, grid, None)
+            moving_labels = _labels_on_grid(moving_seg, checked.label_ids, grid, affine.to_sitk())
         flow = _optimise(
-            fixed,
-            moving,
-            fixed_seg,
-            moving_seg,
-            checked.label_ids,
-            grid,
-            affine,
-            fixed_grid,
-            moving_grid,
-            flow,
-            taper,
-            options,
-            progress,
+            fixed_grid, moving_grid, fixed_labels, moving_labels, flow, grid, taper, options, progress
         )
     return finish_registration(
         clock,
@@ -431,28 +423,20 @@ def _labels_on_grid(
 
 
 def _optimise(
-    fixed,
-    moving,
-    fixed_seg,
-    moving_seg,
-    label_ids,
-    grid,
-    affine,
-    fixed_grid,
-    moving_grid,
-    flow,
-    taper,
+    fixed_grid: np.ndarray,
+    moving_grid: np.ndarray,
+    fixed_labels: np.ndarray | None,
+    moving_labels: np.ndarray | None,
+    flow: np.ndarray | None,
+    grid: geometry.ModelGrid,
+    taper: np.ndarray,
     options: RegistrationOptions,
     progress: ProgressCallback | None,
 ) -> np.ndarray:
+    """Instance optimisation on the model grid, or just the tapered network flow when it is off."""
     if options.optimize_steps <= 0:
         return np.zeros(grid.shape + (3,), np.float32) if flow is None else flow * taper[..., None]
     from dareg.optimize import OptimizeSettings, optimize_flow
-
-    fixed_labels = moving_labels = None
-    if label_ids:
-        fixed_labels = _labels_on_grid(fixed_seg, label_ids, grid, None)
-        moving_labels = _labels_on_grid(moving_seg, label_ids, grid, affine.to_sitk())
 
     def report(step: int, steps: int) -> None:
         if progress is not None:
